@@ -1,0 +1,268 @@
+//! Fast CPU kernels. The matrix product itself is the `gemm` crate's packed, cache-blocked,
+//! SIMD, rayon-parallel f32 kernel (its micro-kernels reach MKL-class throughput; writing our own
+//! would only re-derive them). What recfuse adds on the CPU is the same seam as on the GPUs:
+//! strided batched operands, 16-bit storage widened once, and a fused, row-parallel epilogue.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::ops::gemm::{act_f32, act_grad_f32, Gemm, MatView};
+use crate::tensor::{CpuStorage, Tensor};
+
+fn host<'a>(op: &'static str, arg: &'static str, t: &'a Tensor) -> Result<&'a CpuStorage> {
+    t.cpu().ok_or_else(|| Error::DeviceMismatch {
+        op,
+        arg,
+        expected: "cpu".into(),
+        actual: t.device().describe(),
+    })
+}
+
+/// f32 view of a host tensor: borrowed when it already is f32, widened once otherwise.
+fn widened(s: &CpuStorage) -> std::borrow::Cow<'_, [f32]> {
+    match s {
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+        other => std::borrow::Cow::Owned(other.to_f32()),
+    }
+}
+
+/// Writes f32 values into storage of any dtype at the given indices (rounding once).
+trait Store {
+    fn get(&self, i: usize) -> f32;
+}
+
+impl Store for CpuStorage {
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            CpuStorage::F32(v) => v[i],
+            CpuStorage::BF16(v) => v[i].to_f32(),
+            CpuStorage::F16(v) => v[i].to_f32(),
+        }
+    }
+}
+
+/// A raw pointer to the output storage that rayon tasks write disjoint elements through.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    ptr: *mut u8,
+    dtype: crate::DType,
+}
+// SAFETY: every parallel task writes a disjoint set of elements (one output row of one batch),
+// and the storage outlives the parallel region, so sharing the pointer across threads is sound.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; no element is written by two tasks.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn new(s: &mut CpuStorage) -> OutPtr {
+        let dtype = s.dtype();
+        let ptr = match s {
+            CpuStorage::F32(v) => v.as_mut_ptr() as *mut u8,
+            CpuStorage::BF16(v) => v.as_mut_ptr() as *mut u8,
+            CpuStorage::F16(v) => v.as_mut_ptr() as *mut u8,
+        };
+        OutPtr { ptr, dtype }
+    }
+
+    /// # Safety
+    /// `i` must be in bounds of the storage and written by no other thread concurrently.
+    unsafe fn read(&self, i: usize) -> f32 {
+        // SAFETY: the caller guarantees `i` is in bounds and not concurrently written.
+        unsafe {
+            match self.dtype {
+                crate::DType::F32 => *(self.ptr as *const f32).add(i),
+                crate::DType::BF16 => (*(self.ptr as *const half::bf16).add(i)).to_f32(),
+                crate::DType::F16 => (*(self.ptr as *const half::f16).add(i)).to_f32(),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for `read`.
+    unsafe fn write(&self, i: usize, v: f32) {
+        // SAFETY: the caller guarantees `i` is in bounds and owned by this thread.
+        unsafe {
+            match self.dtype {
+                crate::DType::F32 => *(self.ptr as *mut f32).add(i) = v,
+                crate::DType::BF16 => {
+                    *(self.ptr as *mut half::bf16).add(i) = half::bf16::from_f32(v)
+                }
+                crate::DType::F16 => *(self.ptr as *mut half::f16).add(i) = half::f16::from_f32(v),
+            }
+        }
+    }
+}
+
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    a: &[f32],
+    av: MatView,
+    b: &[f32],
+    bv: MatView,
+    g: usize,
+    alpha: f32,
+) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst is an exclusively borrowed m×n row-major buffer; the operand pointers plus
+    // the strided views stay in bounds because `Gemm::check` verified each view's extent
+    // against its tensor before any backend ran. Strides fit isize (tensor sizes fit in memory).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr().add(av.offset + g * av.batch_stride),
+            av.col_stride as isize,
+            av.row_stride as isize,
+            b.as_ptr().add(bv.offset + g * bv.batch_stride),
+            bv.col_stride as isize,
+            bv.row_stride as isize,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// The whole GEMM + epilogue on the CPU.
+pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, mut pre: Option<&mut Tensor>) -> Result<()> {
+    const OP: &str = "gemm(cpu)";
+    let a = widened(host(OP, "a", p.a)?);
+    let b = widened(host(OP, "b", p.b)?);
+    let bias = match p.bias {
+        Some((t, bs)) => Some((widened(host(OP, "bias", t)?), bs)),
+        None => None,
+    };
+    let residual = match p.residual {
+        Some(t) => Some(host(OP, "residual", t)?),
+        None => None,
+    };
+    let out = OutPtr::new(c.cpu_mut().ok_or_else(|| Error::DeviceMismatch {
+        op: OP,
+        arg: "c",
+        expected: "cpu".into(),
+        actual: "another device".into(),
+    })?);
+    let pre_out = match pre.as_deref_mut() {
+        Some(t) => Some(OutPtr::new(t.cpu_mut().ok_or_else(|| {
+            Error::DeviceMismatch {
+                op: OP,
+                arg: "pre",
+                expected: "cpu".into(),
+                actual: "another device".into(),
+            }
+        })?)),
+        None => None,
+    };
+    let (m, n) = (p.m, p.n);
+    let mut acc = vec![0f32; m * n];
+    for g in 0..p.batch {
+        if p.k == 0 {
+            acc.iter_mut().for_each(|v| *v = 0.0);
+        } else {
+            gemm_f32(m, n, p.k, &mut acc, &a, p.a_view, &b, p.b_view, g, p.alpha);
+        }
+        let cv = p.c_view;
+        acc.par_chunks(n.max(1)).enumerate().for_each(|(i, row)| {
+            for (j, &v) in row.iter().enumerate() {
+                let mut z = v;
+                if let Some((bias, bs)) = &bias {
+                    z += bias[g * bs + j];
+                }
+                let idx = cv.at(g, i, j);
+                // SAFETY: `Gemm::check` verified idx < numel for C, residual and pre; each
+                // (g, i, j) maps to a distinct idx written only by the task owning row i.
+                unsafe {
+                    if let Some(po) = &pre_out {
+                        po.write(idx, z);
+                    }
+                    let mut y = act_f32(p.act, z);
+                    if let Some(r) = residual {
+                        y += r.get(idx);
+                    }
+                    if p.accumulate {
+                        y += out.read(idx);
+                    }
+                    out.write(idx, y);
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// dz = dy ⊙ act'(pre), elementwise over contiguous tensors of equal size.
+pub(crate) fn act_backward(
+    dy: &Tensor,
+    pre: Option<&Tensor>,
+    act: crate::Activation,
+    dz: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "act_backward(cpu)";
+    let dyv = widened(host(OP, "dy", dy)?);
+    let prev = match pre {
+        Some(p) => Some(widened(host(OP, "pre", p)?)),
+        None => None,
+    };
+    let out = OutPtr::new(
+        dz.cpu_mut()
+            .ok_or_else(|| Error::invalid(OP, "dz", "not on the cpu"))?,
+    );
+    dyv.par_chunks(4096).enumerate().for_each(|(c, chunk)| {
+        for (o, &d) in chunk.iter().enumerate() {
+            let i = c * 4096 + o;
+            let gz = match &prev {
+                Some(pv) => act_grad_f32(act, pv[i]),
+                None => 1.0,
+            };
+            // SAFETY: i < numel (dz has dy's size, checked by the caller); chunks are disjoint.
+            unsafe { out.write(i, d * gz) };
+        }
+    });
+    Ok(())
+}
+
+/// out[j] (+)= Σ_i x[i·cols + j]: a deterministic column sum (fixed order per column).
+pub(crate) fn col_sum(
+    x: &Tensor,
+    rows: usize,
+    cols: usize,
+    out: &mut Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    const OP: &str = "col_sum(cpu)";
+    let xv = widened(host(OP, "x", x)?);
+    let o = OutPtr::new(
+        out.cpu_mut()
+            .ok_or_else(|| Error::invalid(OP, "out", "not on the cpu"))?,
+    );
+    (0..cols).into_par_iter().with_min_len(64).for_each(|j| {
+        let mut s = 0f32;
+        for i in 0..rows {
+            s += xv[i * cols + j];
+        }
+        // SAFETY: j < cols ≤ out.numel() (checked by the caller); each j has one task.
+        unsafe {
+            if accumulate {
+                s += o.read(j);
+            }
+            o.write(j, s);
+        }
+    });
+    Ok(())
+}

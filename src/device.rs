@@ -1,0 +1,172 @@
+//! Devices and how one is chosen. `Device::auto()` prefers CUDA, then a hardware wgpu adapter,
+//! then the CPU, and always says which it took and why; nothing falls back silently.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Options for opening a wgpu device.
+#[derive(Clone, Debug, Default)]
+pub struct WgpuOptions {
+    /// Accept a software adapter (Mesa lavapipe / llvmpipe). Off by default: a software adapter
+    /// is far slower than the CPU backend and is only useful for testing the WGSL kernels.
+    pub allow_software: bool,
+}
+
+/// Where tensors live and kernels run. Cheap to clone (backends are reference-counted).
+#[derive(Clone)]
+pub enum Device {
+    /// The host CPU (multi-threaded with rayon).
+    Cpu,
+    /// An NVIDIA GPU through the CUDA driver API; kernels are JIT-compiled by NVRTC.
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<crate::cuda::CudaDevice>),
+    /// A GPU (or software adapter) through wgpu; kernels are WGSL compute shaders.
+    #[cfg(feature = "wgpu")]
+    Wgpu(Arc<crate::wgpu::WgpuDevice>),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+            #[cfg(feature = "wgpu")]
+            (Device::Wgpu(a), Device::Wgpu(b)) => Arc::ptr_eq(a, b),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+impl Device {
+    /// The CPU backend; always available.
+    pub fn cpu() -> Device {
+        Device::Cpu
+    }
+
+    /// CUDA device `ordinal`. Returns `Error::DeviceUnavailable` (never panics) when libcuda,
+    /// libnvrtc or the device is missing.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Device::Cuda(crate::cuda::CudaDevice::new(ordinal)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = ordinal;
+            Err(Error::DeviceUnavailable {
+                backend: "cuda",
+                reason: "recfuse was built without the `cuda` feature".into(),
+            })
+        }
+    }
+
+    /// A wgpu device. Hardware adapters only, unless `opts.allow_software`.
+    pub fn wgpu(opts: &WgpuOptions) -> Result<Device> {
+        #[cfg(feature = "wgpu")]
+        {
+            Ok(Device::Wgpu(crate::wgpu::WgpuDevice::new(opts)?))
+        }
+        #[cfg(not(feature = "wgpu"))]
+        {
+            let _ = opts;
+            Err(Error::DeviceUnavailable {
+                backend: "wgpu",
+                reason: "recfuse was built without the `wgpu` feature".into(),
+            })
+        }
+    }
+
+    /// Parses a device name: `cpu`, `cuda`, `cuda:N`, `wgpu` (hardware only) or `wgpu-sw`
+    /// (software adapter allowed).
+    pub fn from_name(name: &str) -> Result<Device> {
+        let name = name.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Device::cuda(0),
+            "wgpu" => Device::wgpu(&WgpuOptions::default()),
+            "wgpu-sw" => Device::wgpu(&WgpuOptions {
+                allow_software: true,
+            }),
+            s if s.starts_with("cuda:") => {
+                let n = s[5..].parse::<usize>().map_err(|_| {
+                    Error::invalid("Device::from_name", "name", format!("bad ordinal in `{s}`"))
+                })?;
+                Device::cuda(n)
+            }
+            s => Err(Error::invalid(
+                "Device::from_name",
+                "name",
+                format!("`{s}` is not one of cpu, cuda, cuda:N, wgpu, wgpu-sw"),
+            )),
+        }
+    }
+
+    /// Picks the best device and explains the choice. `RECFUSE_DEVICE` overrides it (an
+    /// override that cannot be honoured is an error, not a fallback).
+    pub fn auto() -> Result<(Device, String)> {
+        if let Ok(name) = std::env::var("RECFUSE_DEVICE") {
+            let d = Device::from_name(&name)?;
+            let why = format!("RECFUSE_DEVICE={name} chose {}", d.describe());
+            return Ok((d, why));
+        }
+        let mut why = Vec::new();
+        match Device::cuda(0) {
+            Ok(d) => {
+                let msg = format!("chose {} (CUDA is preferred)", d.describe());
+                return Ok((d, msg));
+            }
+            Err(e) => why.push(format!("no CUDA ({e})")),
+        }
+        match Device::wgpu(&WgpuOptions::default()) {
+            Ok(d) => {
+                why.push(format!("chose {}", d.describe()));
+                return Ok((d, why.join("; ")));
+            }
+            Err(e) => why.push(format!("no hardware wgpu adapter ({e})")),
+        }
+        why.push("chose the CPU".into());
+        Ok((Device::Cpu, why.join("; ")))
+    }
+
+    /// Short backend name: `cpu`, `cuda` or `wgpu`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => "cuda",
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(_) => "wgpu",
+        }
+    }
+
+    /// A human-readable description: backend, adapter or GPU name, architecture.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.describe(),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => d.describe(),
+        }
+    }
+
+    /// Waits until all work queued on this device has finished (a no-op on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.synchronize(),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => d.synchronize(),
+        }
+    }
+}

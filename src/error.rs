@@ -1,0 +1,101 @@
+//! One error type for the whole crate. Every variant names the operation and the argument (or
+//! kernel) involved, so a trainer can tell what to fix without a debugger.
+
+use crate::dtype::DType;
+
+/// Result alias used throughout recfuse.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in recfuse. Nothing in the library panics on user input: bad
+/// shapes, dtypes, devices and missing backends all come back as one of these.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor argument has the wrong shape.
+    #[error("{op}: argument `{arg}` has shape {actual:?}, expected {expected}")]
+    Shape {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        actual: Vec<usize>,
+    },
+    /// A tensor argument has the wrong dtype.
+    #[error("{op}: argument `{arg}` has dtype {actual}, expected {expected}")]
+    DType {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        actual: DType,
+    },
+    /// A tensor argument lives on another device than the operation runs on.
+    #[error("{op}: argument `{arg}` is on {actual}, expected {expected}")]
+    DeviceMismatch {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        actual: String,
+    },
+    /// A scalar or structural argument is out of range.
+    #[error("{op}: argument `{arg}`: {reason}")]
+    InvalidArgument {
+        op: &'static str,
+        arg: &'static str,
+        reason: String,
+    },
+    /// The requested backend cannot be used on this machine (no driver, no adapter, ...).
+    #[error("device unavailable: {backend}: {reason}")]
+    DeviceUnavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    /// The operation exists but not for this backend / dtype / mode. Never silently rerouted.
+    #[error("{op} is not supported on {backend}: {what}")]
+    Unsupported {
+        op: &'static str,
+        backend: &'static str,
+        what: String,
+    },
+    /// A kernel failed to compile (NVRTC or WGSL validation).
+    #[error("compiling kernel `{kernel}` for {target} failed: {log}")]
+    Compile {
+        kernel: String,
+        target: String,
+        log: String,
+    },
+    /// A launch was rejected before it reached the driver, or the driver reported an error.
+    #[error("{backend}: kernel `{kernel}`: {reason}")]
+    Launch {
+        backend: &'static str,
+        kernel: String,
+        reason: String,
+    },
+    /// Any other driver / runtime failure (allocation, copy, synchronisation).
+    #[error("{backend}: {reason}")]
+    Backend {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn invalid(op: &'static str, arg: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op,
+            arg,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn shape(
+        op: &'static str,
+        arg: &'static str,
+        expected: impl Into<String>,
+        actual: &[usize],
+    ) -> Self {
+        Error::Shape {
+            op,
+            arg,
+            expected: expected.into(),
+            actual: actual.to_vec(),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Dispatch from a validated op to the backend its tensors live on. Ops call these and never
+//! match on devices themselves, so adding a backend touches only this file and the backend.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::gemm::{Activation, Gemm};
+use crate::tensor::Tensor;
+
+/// Checks that `t` lives on `dev`.
+pub(crate) fn same_device(
+    op: &'static str,
+    arg: &'static str,
+    dev: &Device,
+    t: &Tensor,
+) -> Result<()> {
+    let td = t.device();
+    if &td != dev {
+        return Err(Error::DeviceMismatch {
+            op,
+            arg,
+            expected: dev.describe(),
+            actual: td.describe(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn gemm(
+    dev: &Device,
+    p: &Gemm<'_>,
+    c: &mut Tensor,
+    pre: Option<&mut Tensor>,
+) -> Result<()> {
+    if p.m == 0 || p.n == 0 || p.batch == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => crate::cpu::fast::gemm(p, c, pre),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::gemm::gemm(d, p, c, pre),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::gemm::gemm(d, p, c, pre),
+    }
+}
+
+/// dz = dy ⊙ act'(pre) over contiguous tensors of one size (pre is None for `Activation::None`).
+pub(crate) fn act_backward(
+    dev: &Device,
+    dy: &Tensor,
+    pre: Option<&Tensor>,
+    act: Activation,
+    dz: &mut Tensor,
+) -> Result<()> {
+    if dy.numel() == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => crate::cpu::fast::act_backward(dy, pre, act, dz),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::gemm::act_backward(d, dy, pre, act, dz),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::gemm::act_backward(d, dy, pre, act, dz),
+    }
+}
+
+/// out[j] (+)= Σ_i x[i·cols + j], deterministic.
+pub(crate) fn col_sum(
+    dev: &Device,
+    x: &Tensor,
+    rows: usize,
+    cols: usize,
+    out: &mut Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    if cols == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => crate::cpu::fast::col_sum(x, rows, cols, out, accumulate),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::gemm::col_sum(d, x, rows, cols, out, accumulate),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::gemm::col_sum(d, x, rows, cols, out, accumulate),
+    }
+}

@@ -1,0 +1,248 @@
+//! The GEMM core's crate-internal seam: one strided, batched GEMM with a fused epilogue that
+//! every backend implements once and every op family (linear, gated cross, attention
+//! projections, in-batch softmax tiles) describes its matrix products with.
+//!
+//! ```text
+//! for g in 0..batch, i in 0..m, j in 0..n:
+//!     acc  = alpha · Σ_k A(g,i,k) · B(g,k,j)                    (f32 accumulation)
+//!     z    = acc + bias(g,j)                                     (if bias)
+//!     pre(g,i,j) = z                                             (if a pre-activation output)
+//!     y    = act(z) + residual(g,i,j) + [accumulate] C(g,i,j)    (old C read before the write)
+//!     C(g,i,j) = y                                               (rounded to C's dtype)
+//! ```
+//! `X(g,i,j)` lives at element `offset + g·batch_stride + i·row_stride + j·col_stride` of its
+//! tensor. Strides let one kernel serve `x·Wᵀ` (forward), `dZ·W` (input gradient) and
+//! `dZᵀ·X` (weight gradient) without transposing anything in memory; the weight-gradient
+//! reduction over the batch runs along k inside one thread's accumulator, so it is
+//! deterministic with no atomics.
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// The activation applied in an epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// max(z, 0).
+    Relu,
+    /// Exact GELU, `z·Φ(z)` with the erf form (not the tanh approximation).
+    Gelu,
+    /// Logistic sigmoid, computed in f32.
+    Sigmoid,
+}
+
+impl Activation {
+    /// Small integer id shared by the CPU, CUDA and WGSL epilogues.
+    pub(crate) fn id(self) -> u32 {
+        match self {
+            Activation::None => 0,
+            Activation::Relu => 1,
+            Activation::Gelu => 2,
+            Activation::Sigmoid => 3,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::None => "none",
+            Activation::Relu => "relu",
+            Activation::Gelu => "gelu",
+            Activation::Sigmoid => "sigmoid",
+        }
+    }
+}
+
+/// Where the elements of one logical `[batch, rows, cols]` operand live in its tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MatView {
+    pub offset: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+    pub batch_stride: usize,
+}
+
+impl MatView {
+    pub(crate) fn new(
+        offset: usize,
+        row_stride: usize,
+        col_stride: usize,
+        batch_stride: usize,
+    ) -> Self {
+        MatView {
+            offset,
+            row_stride,
+            col_stride,
+            batch_stride,
+        }
+    }
+
+    /// The largest element index touched by a `[batch, rows, cols]` view, plus one.
+    pub(crate) fn extent(&self, batch: usize, rows: usize, cols: usize) -> usize {
+        if batch == 0 || rows == 0 || cols == 0 {
+            return 0;
+        }
+        self.offset
+            + (batch - 1) * self.batch_stride
+            + (rows - 1) * self.row_stride
+            + (cols - 1) * self.col_stride
+            + 1
+    }
+
+    #[inline]
+    pub(crate) fn at(&self, g: usize, i: usize, j: usize) -> usize {
+        self.offset + g * self.batch_stride + i * self.row_stride + j * self.col_stride
+    }
+}
+
+/// One batched GEMM with its epilogue. Validation of user-facing shapes happens in the ops;
+/// `check` here only guards the index arithmetic every backend relies on.
+pub(crate) struct Gemm<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub alpha: f32,
+    pub a: &'a Tensor,
+    pub a_view: MatView,
+    pub b: &'a Tensor,
+    pub b_view: MatView,
+    /// Bias indexed `bias[g·bias_batch_stride + j]`.
+    pub bias: Option<(&'a Tensor, usize)>,
+    pub act: Activation,
+    /// Residual, laid out like C.
+    pub residual: Option<&'a Tensor>,
+    /// Add into C's existing values instead of overwriting them.
+    pub accumulate: bool,
+    /// Layout of C, and of `residual` and `pre` when present.
+    pub c_view: MatView,
+    /// f32 operands may use TF32 tensor cores (CUDA only; others ignore it).
+    pub allow_tf32: bool,
+}
+
+/// The widest element index that the 32-bit kernels can address.
+pub(crate) const MAX_INDEX_32: usize = i32::MAX as usize;
+
+impl Gemm<'_> {
+    /// Checks that every view stays inside its tensor and that all indices fit the 32-bit index
+    /// arithmetic of the GPU kernels.
+    pub(crate) fn check(&self, op: &'static str, c: &Tensor, pre: Option<&Tensor>) -> Result<()> {
+        let fits =
+            |arg: &'static str, t: &Tensor, v: &MatView, r: usize, cl: usize| -> Result<()> {
+                let ext = v.extent(self.batch, r, cl);
+                if ext > t.numel() {
+                    return Err(Error::invalid(
+                        op,
+                        arg,
+                        format!("view needs {ext} elements, tensor has {}", t.numel()),
+                    ));
+                }
+                if t.numel() > MAX_INDEX_32 {
+                    return Err(Error::invalid(
+                        op,
+                        arg,
+                        format!(
+                            "{} elements exceed the 32-bit index limit {MAX_INDEX_32}",
+                            t.numel()
+                        ),
+                    ));
+                }
+                Ok(())
+            };
+        fits("a", self.a, &self.a_view, self.m, self.k)?;
+        fits("b", self.b, &self.b_view, self.k, self.n)?;
+        fits("c", c, &self.c_view, self.m, self.n)?;
+        if let Some(r) = self.residual {
+            fits("residual", r, &self.c_view, self.m, self.n)?;
+        }
+        if let Some(p) = pre {
+            fits("pre", p, &self.c_view, self.m, self.n)?;
+        }
+        if let Some((bias, bs)) = self.bias {
+            let bv = MatView::new(0, 0, 1, bs);
+            fits("bias", bias, &bv, 1, self.n)?;
+        }
+        Ok(())
+    }
+}
+
+/// f32 activation shared by the CPU backends (the GPU kernels implement the same formulas).
+#[inline]
+pub(crate) fn act_f32(act: Activation, z: f32) -> f32 {
+    match act {
+        Activation::None => z,
+        Activation::Relu => z.max(0.0),
+        Activation::Gelu => 0.5 * z * (1.0 + erf_f32(z * std::f32::consts::FRAC_1_SQRT_2)),
+        Activation::Sigmoid => 1.0 / (1.0 + (-z).exp()),
+    }
+}
+
+/// d act / dz at the pre-activation z, in f32.
+#[inline]
+pub(crate) fn act_grad_f32(act: Activation, z: f32) -> f32 {
+    match act {
+        Activation::None => 1.0,
+        Activation::Relu => {
+            if z > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Gelu => {
+            let cdf = 0.5 * (1.0 + erf_f32(z * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * z * z).exp() * 0.398_942_3;
+            cdf + z * pdf
+        }
+        Activation::Sigmoid => {
+            let s = 1.0 / (1.0 + (-z).exp());
+            s * (1.0 - s)
+        }
+    }
+}
+
+/// erf for the f32 CPU epilogue, evaluated in f64: cheap next to the GEMM, and it keeps the
+/// CPU backend's error budget to the rounding of its inputs and outputs.
+#[inline]
+pub(crate) fn erf_f32(x: f32) -> f32 {
+    erf_f64(x as f64) as f32
+}
+
+/// erf in f64 to ~1e-15 (used by the reference and the CPU epilogue).
+pub(crate) fn erf_f64(x: f64) -> f64 {
+    // Series for small |x|, continued fraction (Lentz) for erfc at large |x|.
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        let mut sum = ax;
+        let mut term = ax;
+        let x2 = ax * ax;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -x2 / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+            if n > 200.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(x) = exp(-x²)/√π · 1/(x + 1/2/(x + 1/(x + 3/2/(x + ...))))
+        let x2 = ax * ax;
+        let mut f = 0.0f64;
+        for k in (1..60).rev() {
+            f = (k as f64 / 2.0) / (ax + f);
+        }
+        1.0 - (-x2).exp() / std::f64::consts::PI.sqrt() / (ax + f)
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}

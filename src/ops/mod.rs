@@ -1,0 +1,8 @@
+//! Public operations. Each op validates its arguments (typed errors naming the argument and the
+//! expected vs actual shape), then dispatches to the backend the tensors live on.
+
+pub(crate) mod backend;
+pub(crate) mod gemm;
+pub mod linear;
+
+pub use gemm::Activation;

@@ -1,0 +1,308 @@
+//! `Tensor`: a shape, a storage dtype and storage on one device. Host↔device copies happen only
+//! when asked for (`from_slice`, `to_vec`, `to_device`), never behind an op's back.
+
+use half::{bf16, f16};
+
+use crate::device::Device;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+/// Host storage: one typed vector per dtype so slices are always correctly aligned.
+#[derive(Clone, Debug)]
+pub(crate) enum CpuStorage {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl CpuStorage {
+    pub(crate) fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
+        // pod_collect_to_vec copies, so the (unaligned) byte slice is never reinterpreted in place.
+        match dtype {
+            DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(bytes)),
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F16(_) => DType::F16,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+        }
+    }
+
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
+        match self {
+            CpuStorage::F32(v) => v.clone(),
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    pub(crate) fn from_f32(dtype: DType, v: &[f32]) -> CpuStorage {
+        match dtype {
+            DType::F32 => CpuStorage::F32(v.to_vec()),
+            DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F16 => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+        }
+    }
+
+    fn filled(dtype: DType, n: usize, v: f32) -> CpuStorage {
+        match dtype {
+            DType::F32 => CpuStorage::F32(vec![v; n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::from_f32(v); n]),
+            DType::F16 => CpuStorage::F16(vec![f16::from_f32(v); n]),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Storage {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaStorage),
+    #[cfg(feature = "wgpu")]
+    Wgpu(crate::wgpu::WgpuStorage),
+}
+
+/// A dense row-major tensor on one device.
+///
+/// ```
+/// use recfuse::{Device, DType, Tensor};
+/// let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3], &Device::cpu())?;
+/// assert_eq!(t.shape(), &[2, 3]);
+/// assert_eq!(t.dtype(), DType::F32);
+/// assert_eq!(t.to_vec::<f32>()?, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+/// # Ok::<(), recfuse::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    pub(crate) storage: Storage,
+}
+
+fn numel_of(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid(op, "shape", format!("{shape:?} overflows usize")))
+}
+
+impl Tensor {
+    pub(crate) fn from_parts(shape: Vec<usize>, dtype: DType, storage: Storage) -> Tensor {
+        Tensor {
+            shape,
+            dtype,
+            storage,
+        }
+    }
+
+    /// Copies host data of any storage type onto `device`.
+    pub fn from_slice<T: Element>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n = numel_of("Tensor::from_slice", shape)?;
+        if n != data.len() {
+            return Err(Error::shape(
+                "Tensor::from_slice",
+                "data",
+                format!("{n} elements for shape {shape:?}"),
+                &[data.len()],
+            ));
+        }
+        Self::from_bytes(bytemuck::cast_slice(data), T::DTYPE, shape, device)
+    }
+
+    /// Rounds f32 host data to `dtype` and copies it onto `device`.
+    pub fn from_f32(
+        data: &[f32],
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let n = numel_of("Tensor::from_f32", shape)?;
+        if n != data.len() {
+            return Err(Error::shape(
+                "Tensor::from_f32",
+                "data",
+                format!("{n} elements for shape {shape:?}"),
+                &[data.len()],
+            ));
+        }
+        let host = CpuStorage::from_f32(dtype, data);
+        Self::from_bytes(host.as_bytes(), dtype, shape, device)
+    }
+
+    fn from_bytes(bytes: &[u8], dtype: DType, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::from_bytes(dtype, bytes)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => Storage::Cuda(d.upload(bytes)?),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => Storage::Wgpu(d.upload(bytes)?),
+        };
+        Ok(Tensor::from_parts(shape.to_vec(), dtype, storage))
+    }
+
+    /// A tensor whose every element is `value` (rounded to `dtype`).
+    pub fn full(shape: &[usize], value: f32, dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = numel_of("Tensor::full", shape)?;
+        let host = CpuStorage::filled(dtype, n, value);
+        Self::from_bytes(host.as_bytes(), dtype, shape, device)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Self::full(shape, 0.0, dtype, device)
+    }
+
+    /// A tensor filled with NaN: for tests, so an element a kernel forgot to write fails the
+    /// comparison instead of passing by luck.
+    pub fn poisoned(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Self::full(shape, f32::NAN, dtype, device)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the storage in bytes.
+    pub fn size_in_bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// The device this tensor's storage lives on.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Device::Cuda(s.device.clone()),
+            #[cfg(feature = "wgpu")]
+            Storage::Wgpu(s) => Device::Wgpu(s.device.clone()),
+        }
+    }
+
+    /// Same data, new shape (element count must match). Free: no copy.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        let n = numel_of("Tensor::reshape", shape)?;
+        if n != self.numel() {
+            return Err(Error::shape(
+                "Tensor::reshape",
+                "shape",
+                format!("{} elements", self.numel()),
+                shape,
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// Raw little-endian bytes of the storage, copied to the host (waits for the device).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        match &self.storage {
+            Storage::Cpu(c) => Ok(c.as_bytes().to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.device.download(s, self.size_in_bytes()),
+            #[cfg(feature = "wgpu")]
+            Storage::Wgpu(s) => s.device.download(s, self.size_in_bytes()),
+        }
+    }
+
+    pub(crate) fn to_host(&self) -> Result<CpuStorage> {
+        match &self.storage {
+            Storage::Cpu(c) => Ok(c.clone()),
+            #[allow(unreachable_patterns)]
+            _ => Ok(CpuStorage::from_bytes(self.dtype, &self.to_bytes()?)),
+        }
+    }
+
+    /// Copies the elements to the host as `T`, which must be the tensor's dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType {
+                op: "Tensor::to_vec",
+                arg: "T",
+                expected: self.dtype.to_string(),
+                actual: T::DTYPE,
+            });
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes()?))
+    }
+
+    /// Copies the elements to the host, widened to f32.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.to_host()?.to_f32())
+    }
+
+    /// Copies the elements to the host, widened to f64 (exactly: every storage value is).
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        Ok(self.to_f32_vec()?.into_iter().map(f64::from).collect())
+    }
+
+    /// An explicit copy onto `device` (any direction).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        Self::from_bytes(&self.to_bytes()?, self.dtype, &self.shape, device)
+    }
+
+    /// A deep copy on the same device.
+    pub fn try_clone(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Cpu(c) => Ok(Tensor::from_parts(
+                self.shape.clone(),
+                self.dtype,
+                Storage::Cpu(c.clone()),
+            )),
+            #[allow(unreachable_patterns)]
+            _ => self.to_device(&self.device()),
+        }
+    }
+
+    /// This tensor converted to another storage dtype (a copy, on the host for now).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return self.try_clone();
+        }
+        Tensor::from_f32(&self.to_f32_vec()?, &self.shape, dtype, &self.device())
+    }
+
+    pub(crate) fn cpu(&self) -> Option<&CpuStorage> {
+        match &self.storage {
+            Storage::Cpu(c) => Some(c),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    pub(crate) fn cpu_mut(&mut self) -> Option<&mut CpuStorage> {
+        match &mut self.storage {
+            Storage::Cpu(c) => Some(c),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! STUB: wgpu GEMM core launchers.
+use super::WgpuDevice;
+use crate::error::{Error, Result};
+use crate::ops::gemm::{Activation, Gemm};
+use crate::tensor::Tensor;
+use std::sync::Arc;
+
+fn stub() -> Error {
+    Error::Unsupported {
+        op: "gemm",
+        backend: "wgpu",
+        what: "stub".into(),
+    }
+}
+pub(crate) fn gemm(
+    _d: &Arc<WgpuDevice>,
+    _p: &Gemm<'_>,
+    _c: &mut Tensor,
+    _pre: Option<&mut Tensor>,
+) -> Result<()> {
+    Err(stub())
+}
+pub(crate) fn act_backward(
+    _d: &Arc<WgpuDevice>,
+    _dy: &Tensor,
+    _pre: Option<&Tensor>,
+    _act: Activation,
+    _dz: &mut Tensor,
+) -> Result<()> {
+    Err(stub())
+}
+pub(crate) fn col_sum(
+    _d: &Arc<WgpuDevice>,
+    _x: &Tensor,
+    _rows: usize,
+    _cols: usize,
+    _out: &mut Tensor,
+    _accumulate: bool,
+) -> Result<()> {
+    Err(stub())
+}
