@@ -204,6 +204,33 @@ pub fn forward(
     cfg: &Linear,
 ) -> Result<LinearForward> {
     let dev = x.device();
+    let d = dims(OP, x, w)?;
+    let out_dtype = cfg.out_dtype.unwrap_or(x.dtype());
+    let yshape = out_shape(x, d.out);
+    let mut out = LinearForward {
+        y: Tensor::zeros(&yshape, out_dtype, &dev)?,
+        pre: if cfg.activation != Activation::None {
+            Some(Tensor::zeros(&yshape, out_dtype, &dev)?)
+        } else {
+            None
+        },
+    };
+    forward_into(x, w, b, residual, cfg, &mut out)?;
+    Ok(out)
+}
+
+/// Forward pass into preallocated outputs (every element of `out.y`, and of `out.pre` when
+/// present, is overwritten). `out.pre` must be present when the activation is not the identity
+/// and `backward` will be called; it may be omitted for inference.
+pub fn forward_into(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    cfg: &Linear,
+    out: &mut LinearForward,
+) -> Result<()> {
+    let dev = x.device();
     same_device(OP, "w", &dev, w)?;
     let d = dims(OP, x, w)?;
     if x.dtype() != w.dtype() {
@@ -217,36 +244,32 @@ pub fn forward(
     check_bias(OP, &dev, &d, w, b)?;
     let out_dtype = cfg.out_dtype.unwrap_or(x.dtype());
     let yshape = out_shape(x, d.out);
-    if let Some(r) = residual {
-        same_device(OP, "residual", &dev, r)?;
-        if r.shape() != yshape.as_slice() {
-            return Err(Error::shape(
-                OP,
-                "residual",
-                format!("{yshape:?}"),
-                r.shape(),
-            ));
+    let check_out = |arg: &'static str, t: &Tensor| -> Result<()> {
+        same_device(OP, arg, &dev, t)?;
+        if t.shape() != yshape.as_slice() {
+            return Err(Error::shape(OP, arg, format!("{yshape:?}"), t.shape()));
         }
-        if r.dtype() != out_dtype {
+        if t.dtype() != out_dtype {
             return Err(Error::DType {
                 op: OP,
-                arg: "residual",
+                arg,
                 expected: out_dtype.to_string(),
-                actual: r.dtype(),
+                actual: t.dtype(),
             });
         }
-    }
-    let mut y = Tensor::zeros(&yshape, out_dtype, &dev)?;
-    let mut pre = if cfg.activation != Activation::None {
-        Some(Tensor::zeros(&yshape, out_dtype, &dev)?)
-    } else {
-        None
+        Ok(())
     };
+    if let Some(r) = residual {
+        check_out("residual", r)?;
+    }
+    check_out("out.y", &out.y)?;
+    if let Some(p) = &out.pre {
+        check_out("out.pre", p)?;
+    }
     let mut g = forward_gemm(&d, x, w, b, residual, cfg.activation);
     g.allow_tf32 = cfg.allow_tf32;
-    g.check(OP, &y, pre.as_ref())?;
-    backend::gemm(&dev, &g, &mut y, pre.as_mut())?;
-    Ok(LinearForward { y, pre })
+    g.check(OP, &out.y, out.pre.as_ref())?;
+    backend::gemm(&dev, &g, &mut out.y, out.pre.as_mut())
 }
 
 /// Backward pass: new gradient tensors for `x`, `w` and (if `with_bias`) `b`.
@@ -290,6 +313,14 @@ pub fn backward_into(
     same_device(OP_BWD, "w", &dev, w)?;
     same_device(OP_BWD, "dy", &dev, dy)?;
     let d = dims(OP_BWD, x, w)?;
+    if x.dtype() != w.dtype() {
+        return Err(Error::DType {
+            op: OP_BWD,
+            arg: "w",
+            expected: x.dtype().to_string(),
+            actual: w.dtype(),
+        });
+    }
     let yshape = out_shape(x, d.out);
     if dy.shape() != yshape.as_slice() {
         return Err(Error::shape(
