@@ -152,6 +152,10 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, mut pre: Option<&mut Tensor>) -
         Some(t) => Some(host(OP, "residual", t)?),
         None => None,
     };
+    let mul = match p.mul {
+        Some(t) => Some(host(OP, "mul", t)?),
+        None => None,
+    };
     let out = OutPtr::new(c.cpu_mut().ok_or_else(|| Error::DeviceMismatch {
         op: OP,
         arg: "c",
@@ -177,24 +181,39 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, mut pre: Option<&mut Tensor>) -
         } else {
             gemm_f32(m, n, p.k, &mut acc, &a, p.a_view, &b, p.b_view, g, p.alpha);
         }
-        let cv = p.c_view;
+        let (cv, pv) = (p.c_view, p.pre_view);
         acc.par_chunks(n.max(1)).enumerate().for_each(|(i, row)| {
-            for (j, &v) in row.iter().enumerate() {
-                let mut z = v;
+            let z_at = |j: usize| -> f32 {
+                let mut z = row[j];
                 if let Some((bias, bs)) = &bias {
                     z += bias[g * bs + j];
                 }
+                z
+            };
+            if let Some(po) = &pre_out {
+                for j in 0..n {
+                    // SAFETY: `Gemm::check` verified pre_view's extent against `pre`; row i of
+                    // batch g is written only by this task.
+                    unsafe { po.write(pv.at(g, i, j), z_at(j)) };
+                }
+            }
+            let out_n = if p.gated { n / 2 } else { n };
+            for j in 0..out_n {
                 let idx = cv.at(g, i, j);
-                // SAFETY: `Gemm::check` verified idx < numel for C, residual and pre; each
-                // (g, i, j) maps to a distinct idx written only by the task owning row i.
+                let mut y = if p.gated {
+                    z_at(2 * j) * act_f32(crate::Activation::Sigmoid, z_at(2 * j + 1))
+                } else {
+                    act_f32(p.act, z_at(j))
+                };
+                if let Some(mv) = mul {
+                    y *= mv.get(idx);
+                }
+                if let Some(r) = residual {
+                    y += r.get(idx);
+                }
+                // SAFETY: `Gemm::check` verified c_view's extent against C; row i of batch g
+                // is read and written only by this task.
                 unsafe {
-                    if let Some(po) = &pre_out {
-                        po.write(idx, z);
-                    }
-                    let mut y = act_f32(p.act, z);
-                    if let Some(r) = residual {
-                        y += r.get(idx);
-                    }
                     if p.accumulate {
                         y += out.read(idx);
                     }
@@ -264,5 +283,75 @@ pub(crate) fn col_sum(
             o.write(j, s);
         }
     });
+    Ok(())
+}
+
+/// See `ops::backend::gate_backward`.
+pub(crate) fn gate_backward(
+    gbar: &Tensor,
+    c0: &Tensor,
+    pre: &Tensor,
+    gated: bool,
+    delta: &mut Tensor,
+    dx0: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "gate_backward(cpu)";
+    let g = widened(host(OP, "gbar", gbar)?);
+    let c0 = widened(host(OP, "c0", c0)?);
+    let pre = widened(host(OP, "pre", pre)?);
+    let dl = OutPtr::new(
+        delta
+            .cpu_mut()
+            .ok_or_else(|| Error::invalid(OP, "delta", "not on the cpu"))?,
+    );
+    let dx = OutPtr::new(
+        dx0.cpu_mut()
+            .ok_or_else(|| Error::invalid(OP, "dx0", "not on the cpu"))?,
+    );
+    let p = if gated { 2 } else { 1 };
+    (0..g.len())
+        .into_par_iter()
+        .with_min_len(1024)
+        .for_each(|k| {
+            let (gk, ck) = (g[k], c0[k]);
+            let u = pre[p * k];
+            // SAFETY: k < rows·D; delta has rows·P = p·(rows·D) elements and dx0 rows·D (checked by
+            // the op); each k is owned by one task.
+            unsafe {
+                if gated {
+                    let s = 1.0 / (1.0 + (-pre[p * k + 1]).exp());
+                    let du = gk * ck * s;
+                    dl.write(2 * k, du);
+                    dl.write(2 * k + 1, du * u * (1.0 - s));
+                    dx.write(k, dx.read(k) + gk * u * s);
+                } else {
+                    dl.write(k, gk * ck);
+                    dx.write(k, dx.read(k) + gk * u);
+                }
+            }
+        });
+    Ok(())
+}
+
+/// out = a (+ b).
+pub(crate) fn add(a: &Tensor, b: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
+    const OP: &str = "add(cpu)";
+    let av = widened(host(OP, "a", a)?);
+    let bv = match b {
+        Some(t) => Some(widened(host(OP, "b", t)?)),
+        None => None,
+    };
+    let o = OutPtr::new(
+        out.cpu_mut()
+            .ok_or_else(|| Error::invalid(OP, "out", "not on the cpu"))?,
+    );
+    (0..av.len())
+        .into_par_iter()
+        .with_min_len(4096)
+        .for_each(|k| {
+            let v = av[k] + bv.as_ref().map_or(0.0, |b| b[k]);
+            // SAFETY: k < numel of a = numel of out (checked by the caller); one task per k.
+            unsafe { o.write(k, v) };
+        });
     Ok(())
 }

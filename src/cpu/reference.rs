@@ -122,3 +122,217 @@ pub fn linear_backward(
     }
     (dx, dw, db)
 }
+
+/// One branch weight of a cross layer in the reference: full `[D, D]` or low rank
+/// `W = U·V` with `U: [D, r]`, `V: [r, D]` (all `[out, in]`, row-major).
+#[derive(Clone, Debug)]
+pub enum RefBranch {
+    Full(Vec<f64>),
+    LowRank { u: Vec<f64>, v: Vec<f64>, r: usize },
+}
+
+/// One cross layer in the reference. `wg: None` is the ungated DCN-V2 layer.
+#[derive(Clone, Debug)]
+pub struct RefCrossLayer {
+    pub wc: RefBranch,
+    pub bc: Vec<f64>,
+    pub wg: Option<RefBranch>,
+    pub bg: Option<Vec<f64>>,
+}
+
+/// Gradients of one reference cross layer, shaped like its weights.
+#[derive(Clone, Debug)]
+pub struct RefCrossGrads {
+    pub wc: RefBranch,
+    pub bc: Vec<f64>,
+    pub wg: Option<RefBranch>,
+    pub bg: Option<Vec<f64>>,
+}
+
+/// y[b, o] = Σ_i x[b, i]·w[o, i] for `w: [out, inp]`.
+fn matmul_t(x: &[f64], w: &[f64], rows: usize, inp: usize, out: usize) -> Vec<f64> {
+    let mut y = vec![0.0; rows * out];
+    for b in 0..rows {
+        for o in 0..out {
+            y[b * out + o] = (0..inp).map(|i| x[b * inp + i] * w[o * inp + i]).sum();
+        }
+    }
+    y
+}
+
+/// x·Wᵀ for a branch, plus the low-rank intermediate Z = x·Vᵀ when there is one.
+fn branch_forward(
+    x: &[f64],
+    br: &RefBranch,
+    rows: usize,
+    d: usize,
+) -> (Vec<f64>, Option<Vec<f64>>) {
+    match br {
+        RefBranch::Full(w) => (matmul_t(x, w, rows, d, d), None),
+        RefBranch::LowRank { u, v, r } => {
+            let z = matmul_t(x, v, rows, d, *r);
+            (matmul_t(&z, u, rows, *r, d), Some(z))
+        }
+    }
+}
+
+/// Backward of a branch given δ = ∂L/∂(x·Wᵀ): returns (∂W, ∂x contribution).
+fn branch_backward(
+    x: &[f64],
+    br: &RefBranch,
+    z: Option<&Vec<f64>>,
+    delta: &[f64],
+    rows: usize,
+    d: usize,
+) -> (RefBranch, Vec<f64>) {
+    // ∂W[o, i] = Σ_b δ[b, o]·x[b, i];  ∂x[b, i] = Σ_o δ[b, o]·W[o, i].
+    let outer = |a: &[f64], ac: usize, bm: &[f64], bc: usize| {
+        let mut g = vec![0.0; ac * bc];
+        for b in 0..rows {
+            for o in 0..ac {
+                for i in 0..bc {
+                    g[o * bc + i] += a[b * ac + o] * bm[b * bc + i];
+                }
+            }
+        }
+        g
+    };
+    let back = |dl: &[f64], w: &[f64], out: usize, inp: usize| {
+        let mut dx = vec![0.0; rows * inp];
+        for b in 0..rows {
+            for o in 0..out {
+                for i in 0..inp {
+                    dx[b * inp + i] += dl[b * out + o] * w[o * inp + i];
+                }
+            }
+        }
+        dx
+    };
+    match br {
+        RefBranch::Full(w) => (RefBranch::Full(outer(delta, d, x, d)), back(delta, w, d, d)),
+        RefBranch::LowRank { u, v, r } => {
+            let z = z.expect("low-rank branch keeps Z");
+            let du = outer(delta, d, z, *r);
+            let dz = back(delta, u, d, *r);
+            let dv = outer(&dz, *r, x, d);
+            (
+                RefBranch::LowRank {
+                    u: du,
+                    v: dv,
+                    r: *r,
+                },
+                back(&dz, v, *r, d),
+            )
+        }
+    }
+}
+
+fn sigmoid(v: f64) -> f64 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// Forward of a stack of gated (or DCN-V2) cross layers over `x0: [rows, d]`:
+/// `C_{l+1} = C_0 ⊙ (C_l·W_cᵀ + b_c) ⊙ σ(C_l·W_gᵀ + b_g) + C_l`, σ ≡ 1 without a gate.
+pub fn gated_cross_forward(
+    rows: usize,
+    d: usize,
+    x0: &[f64],
+    layers: &[RefCrossLayer],
+) -> Vec<f64> {
+    let mut c = x0.to_vec();
+    for l in layers {
+        let (mut u, _) = branch_forward(&c, &l.wc, rows, d);
+        let gate = l.wg.as_ref().map(|wg| branch_forward(&c, wg, rows, d).0);
+        for b in 0..rows {
+            for j in 0..d {
+                let k = b * d + j;
+                u[k] += l.bc[j];
+                let s = match &gate {
+                    Some(v) => sigmoid(v[k] + l.bg.as_ref().map_or(0.0, |bg| bg[j])),
+                    None => 1.0,
+                };
+                u[k] = x0[k] * u[k] * s + c[k];
+            }
+        }
+        c = u;
+    }
+    c
+}
+
+/// Backward of `gated_cross_forward` given `dy = ∂L/∂C_L`: `(∂L/∂x0, per-layer grads)`, the
+/// spec's recurrence evaluated in f64.
+pub fn gated_cross_backward(
+    rows: usize,
+    d: usize,
+    x0: &[f64],
+    layers: &[RefCrossLayer],
+    dy: &[f64],
+) -> (Vec<f64>, Vec<RefCrossGrads>) {
+    // Re-run the forward keeping C_l, U_l, V_l and the low-rank Z's.
+    let mut cs = vec![x0.to_vec()];
+    let mut saved = Vec::new();
+    for l in layers {
+        let c = cs.last().expect("C_0 is there");
+        let (mut u, zc) = branch_forward(c, &l.wc, rows, d);
+        let g = l.wg.as_ref().map(|wg| branch_forward(c, wg, rows, d));
+        let mut v = g.as_ref().map(|(v, _)| v.clone());
+        let mut next = vec![0.0; rows * d];
+        for b in 0..rows {
+            for j in 0..d {
+                let k = b * d + j;
+                u[k] += l.bc[j];
+                let s = match v.as_mut() {
+                    Some(v) => {
+                        v[k] += l.bg.as_ref().map_or(0.0, |bg| bg[j]);
+                        sigmoid(v[k])
+                    }
+                    None => 1.0,
+                };
+                next[k] = x0[k] * u[k] * s + c[k];
+            }
+        }
+        saved.push((u, v, zc, g.and_then(|(_, z)| z)));
+        cs.push(next);
+    }
+    let mut gbar = dy.to_vec();
+    let mut dx0 = vec![0.0; rows * d];
+    let mut grads = Vec::new();
+    for (li, l) in layers.iter().enumerate().rev() {
+        let (u, v, zc, zg) = &saved[li];
+        let c = &cs[li];
+        let mut du = vec![0.0; rows * d];
+        let mut dv = vec![0.0; rows * d];
+        for k in 0..rows * d {
+            let s = v.as_ref().map_or(1.0, |v| sigmoid(v[k]));
+            du[k] = gbar[k] * x0[k] * s;
+            dv[k] = du[k] * u[k] * (1.0 - s);
+            dx0[k] += gbar[k] * u[k] * s;
+        }
+        let colsum = |m: &[f64]| {
+            (0..d)
+                .map(|j| (0..rows).map(|b| m[b * d + j]).sum())
+                .collect::<Vec<f64>>()
+        };
+        let (gwc, dxc) = branch_backward(c, &l.wc, zc.as_ref(), &du, rows, d);
+        let mut g = RefCrossGrads {
+            wc: gwc,
+            bc: colsum(&du),
+            wg: None,
+            bg: l.bg.as_ref().map(|_| colsum(&dv)),
+        };
+        for k in 0..rows * d {
+            gbar[k] += dxc[k];
+        }
+        if let Some(wg) = &l.wg {
+            let (gwg, dxg) = branch_backward(c, wg, zg.as_ref(), &dv, rows, d);
+            g.wg = Some(gwg);
+            for k in 0..rows * d {
+                gbar[k] += dxg[k];
+            }
+        }
+        grads.push(g);
+    }
+    grads.reverse();
+    let dx: Vec<f64> = dx0.iter().zip(&gbar).map(|(a, b)| a + b).collect();
+    (dx, grads)
+}

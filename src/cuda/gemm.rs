@@ -39,3 +39,30 @@ pub(crate) fn col_sum(
 ) -> Result<()> {
     Err(stub())
 }
+pub(crate) fn gate_backward(
+    _d: &Arc<super::CudaDevice>,
+    _g: &Tensor,
+    _c0: &Tensor,
+    _pre: &Tensor,
+    _gated: bool,
+    _delta: &mut Tensor,
+    _dx0: &mut Tensor,
+) -> Result<()> {
+    Err(Error::Unsupported {
+        op: "gate_backward",
+        backend: "cuda",
+        what: "not yet implemented".into(),
+    })
+}
+pub(crate) fn add(
+    _d: &Arc<super::CudaDevice>,
+    _a: &Tensor,
+    _b: Option<&Tensor>,
+    _out: &mut Tensor,
+) -> Result<()> {
+    Err(Error::Unsupported {
+        op: "add",
+        backend: "cuda",
+        what: "not yet implemented".into(),
+    })
+}

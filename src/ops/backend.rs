@@ -83,3 +83,45 @@ pub(crate) fn col_sum(
         Device::Wgpu(d) => crate::wgpu::gemm::col_sum(d, x, rows, cols, out, accumulate),
     }
 }
+
+/// The elementwise half of a cross layer's backward, one row block at a time:
+/// ```text
+/// gated:  s = σ(v);  ΔU = Ḡ·c0·s;  ΔV = Ḡ·c0·u·s·(1−s);  dX0 += Ḡ·u·s
+/// DCN-V2:            ΔU = Ḡ·c0;                          dX0 += Ḡ·u
+/// ```
+/// `pre` and `delta` are `[rows, P]` (P = 2D interleaved (u, v) pairs when gated, else D),
+/// `gbar`, `c0` and `dx0` are `[rows, D]`; `dx0` is accumulated.
+pub(crate) fn gate_backward(
+    dev: &Device,
+    gbar: &Tensor,
+    c0: &Tensor,
+    pre: &Tensor,
+    gated: bool,
+    delta: &mut Tensor,
+    dx0: &mut Tensor,
+) -> Result<()> {
+    if gbar.numel() == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => crate::cpu::fast::gate_backward(gbar, c0, pre, gated, delta, dx0),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::gemm::gate_backward(d, gbar, c0, pre, gated, delta, dx0),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::gemm::gate_backward(d, gbar, c0, pre, gated, delta, dx0),
+    }
+}
+
+/// out = a (+ b), elementwise over equal sizes, converting dtypes as needed (also a cast).
+pub(crate) fn add(dev: &Device, a: &Tensor, b: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
+    if a.numel() == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => crate::cpu::fast::add(a, b, out),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::gemm::add(d, a, b, out),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::gemm::add(d, a, b, out),
+    }
+}

@@ -7,9 +7,19 @@
 //!     acc  = alpha · Σ_k A(g,i,k) · B(g,k,j)                    (f32 accumulation)
 //!     z    = acc + bias(g,j)                                     (if bias)
 //!     pre(g,i,j) = z                                             (if a pre-activation output)
-//!     y    = act(z) + residual(g,i,j) + [accumulate] C(g,i,j)    (old C read before the write)
+//!     y    = act(z) · mul(g,i,j) + residual(g,i,j) + [accumulate] C(g,i,j)
 //!     C(g,i,j) = y                                               (rounded to C's dtype)
 //! ```
+//! `mul` (an elementwise multiplier, e.g. DCN-V2's `x0 ⊙ (·)`) and `residual` default to 1
+//! and 0; the old C is read before it is written.
+//!
+//! **Gated** epilogue (`gated = true`, the GDCN cross layer): the n columns come in pairs
+//! `(2j, 2j+1)` = (cross, gate) of interleaved packed weights, and only `n/2` outputs exist:
+//! ```text
+//!     y(g,i,j) = mul(g,i,j) · z(2j) · σ(z(2j+1)) + residual(g,i,j) + [accumulate] C(g,i,j)
+//! ```
+//! `pre` then holds all n columns (`pre_view`), C, mul and residual hold n/2 (`c_view`).
+//!
 //! `X(g,i,j)` lives at element `offset + g·batch_stride + i·row_stride + j·col_stride` of its
 //! tensor. Strides let one kernel serve `x·Wᵀ` (forward), `dZ·W` (input gradient) and
 //! `dZᵀ·X` (weight gradient) without transposing anything in memory; the weight-gradient
@@ -111,12 +121,18 @@ pub(crate) struct Gemm<'a> {
     /// Bias indexed `bias[g·bias_batch_stride + j]`.
     pub bias: Option<(&'a Tensor, usize)>,
     pub act: Activation,
+    /// Elementwise multiplier applied after the activation, laid out like C.
+    pub mul: Option<&'a Tensor>,
     /// Residual, laid out like C.
     pub residual: Option<&'a Tensor>,
+    /// The GDCN pair epilogue (see the module docs); requires `act == None` and even `n`.
+    pub gated: bool,
     /// Add into C's existing values instead of overwriting them.
     pub accumulate: bool,
-    /// Layout of C, and of `residual` and `pre` when present.
+    /// Layout of C, and of `mul` and `residual` when present.
     pub c_view: MatView,
+    /// Layout of the pre-activation output (equal to `c_view` unless `gated`).
+    pub pre_view: MatView,
     /// f32 operands may use TF32 tensor cores (CUDA only; others ignore it).
     pub allow_tf32: bool,
 }
@@ -124,7 +140,41 @@ pub(crate) struct Gemm<'a> {
 /// The widest element index that the 32-bit kernels can address.
 pub(crate) const MAX_INDEX_32: usize = i32::MAX as usize;
 
-impl Gemm<'_> {
+impl<'a> Gemm<'a> {
+    /// A single (batch = 1) product `C[m, n] = A·B` with no epilogue, C row-major contiguous;
+    /// callers add epilogue fields with struct-update syntax.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plain(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &'a Tensor,
+        a_view: MatView,
+        b: &'a Tensor,
+        b_view: MatView,
+    ) -> Gemm<'a> {
+        Gemm {
+            m,
+            n,
+            k,
+            batch: 1,
+            alpha: 1.0,
+            a,
+            a_view,
+            b,
+            b_view,
+            bias: None,
+            act: Activation::None,
+            mul: None,
+            residual: None,
+            gated: false,
+            accumulate: false,
+            c_view: MatView::new(0, n, 1, 0),
+            pre_view: MatView::new(0, n, 1, 0),
+            allow_tf32: false,
+        }
+    }
+
     /// Checks that every view stays inside its tensor and that all indices fit the 32-bit index
     /// arithmetic of the GPU kernels.
     pub(crate) fn check(&self, op: &'static str, c: &Tensor, pre: Option<&Tensor>) -> Result<()> {
@@ -152,12 +202,27 @@ impl Gemm<'_> {
             };
         fits("a", self.a, &self.a_view, self.m, self.k)?;
         fits("b", self.b, &self.b_view, self.k, self.n)?;
-        fits("c", c, &self.c_view, self.m, self.n)?;
+        let out_n = if self.gated { self.n / 2 } else { self.n };
+        if self.gated && (self.n % 2 != 0 || self.act != Activation::None) {
+            return Err(Error::invalid(
+                op,
+                "gated",
+                format!(
+                    "needs an even n (got {}) and no activation (got {})",
+                    self.n,
+                    self.act.name()
+                ),
+            ));
+        }
+        fits("c", c, &self.c_view, self.m, out_n)?;
         if let Some(r) = self.residual {
-            fits("residual", r, &self.c_view, self.m, self.n)?;
+            fits("residual", r, &self.c_view, self.m, out_n)?;
+        }
+        if let Some(r) = self.mul {
+            fits("mul", r, &self.c_view, self.m, out_n)?;
         }
         if let Some(p) = pre {
-            fits("pre", p, &self.c_view, self.m, self.n)?;
+            fits("pre", p, &self.pre_view, self.m, self.n)?;
         }
         if let Some((bias, bs)) = self.bias {
             let bv = MatView::new(0, 0, 1, bs);

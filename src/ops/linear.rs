@@ -187,9 +187,12 @@ fn forward_gemm<'a>(
         b_view: MatView::new(0, 1, inp, out * inp),
         bias: b.map(|t| (t, out)),
         act,
+        mul: None,
         residual,
+        gated: false,
         accumulate: false,
         c_view: MatView::new(0, groups * out, 1, out),
+        pre_view: MatView::new(0, groups * out, 1, out),
         allow_tf32: false,
     }
 }
@@ -388,9 +391,12 @@ pub fn backward_into(
         b_view: MatView::new(0, inp, 1, out * inp),
         bias: None,
         act: Activation::None,
+        mul: None,
         residual: None,
+        gated: false,
         accumulate: false,
         c_view: MatView::new(0, groups * inp, 1, inp),
+        pre_view: MatView::new(0, groups * inp, 1, inp),
         allow_tf32: cfg.allow_tf32,
     };
     gx.check(OP_BWD, &grads.dx, None)?;
@@ -410,9 +416,12 @@ pub fn backward_into(
         b_view: MatView::new(0, groups * inp, 1, inp),
         bias: None,
         act: Activation::None,
+        mul: None,
         residual: None,
+        gated: false,
         accumulate,
         c_view: MatView::new(0, inp, 1, out * inp),
+        pre_view: MatView::new(0, inp, 1, out * inp),
         allow_tf32: cfg.allow_tf32,
     };
     gw.check(OP_BWD, &grads.dw, None)?;
