@@ -2,6 +2,7 @@
 //! expected vs actual shape), then dispatches to the backend the tensors live on.
 
 pub(crate) mod backend;
+pub mod fdo;
 pub mod gated_cross;
 pub(crate) mod gemm;
 pub mod linear;
