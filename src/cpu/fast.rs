@@ -355,3 +355,74 @@ pub(crate) fn add(a: &Tensor, b: Option<&Tensor>, out: &mut Tensor) -> Result<()
         });
     Ok(())
 }
+
+/// `dst[m×n] (+)= A·B` on f32 slices with explicit strides (row, col), threads when large.
+/// Every extent is checked against its slice, so this helper is safe to call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let ext = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs + 1;
+    assert!(
+        ext(dst_rs, 1, m, n) <= dst.len(),
+        "matmul_f32: dst out of bounds"
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n]
+                    .iter_mut()
+                    .for_each(|v| *v = 0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        ext(a_rs, a_cs, m, k) <= a.len(),
+        "matmul_f32: a out of bounds"
+    );
+    assert!(
+        ext(b_rs, b_cs, k, n) <= b.len(),
+        "matmul_f32: b out of bounds"
+    );
+    let threads = rayon::current_num_threads();
+    let par = if parallel && threads > 1 && m * n * k > 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the product touches in dst, a and b; dst is
+    // exclusively borrowed, a and b are shared borrows that outlive the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}

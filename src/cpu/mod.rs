@@ -3,3 +3,4 @@
 
 pub(crate) mod fast;
 pub mod reference;
+pub(crate) mod softmax;

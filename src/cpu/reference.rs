@@ -336,3 +336,160 @@ pub fn gated_cross_backward(
     let dx: Vec<f64> = dx0.iter().zip(&gbar).map(|(a, b)| a + b).collect();
     (dx, grads)
 }
+
+/// Per-row kind in the in-batch softmax: a positive, or a "not-to-recommend" negative-feedback
+/// row (the user disliked or skipped the target).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefRowKind {
+    Pos,
+    Ntr,
+}
+
+/// Everything the reference in-batch softmax needs, in f64, for one device's rows over all N
+/// gathered columns.
+#[derive(Clone, Debug)]
+pub struct RefSoftmax<'a> {
+    pub b: usize,
+    pub n: usize,
+    pub d: usize,
+    pub queries: &'a [f64],
+    pub cands: &'a [f64],
+    pub target: &'a [usize],
+    pub kind: &'a [RefRowKind],
+    pub weight: &'a [f64],
+    pub log_q: Option<&'a [f64]>,
+    pub ids: Option<&'a [i64]>,
+    pub valid: Option<&'a [bool]>,
+    /// Per-row query (user) id and per-column owning query id (−1 for none).
+    pub row_qid: Option<&'a [i64]>,
+    pub col_qid: Option<&'a [i64]>,
+    pub kappa: f64,
+    pub l2: bool,
+    pub eps: f64,
+    /// The normaliser Z (Σw over all ranks for a mean, 1 for a sum).
+    pub z: f64,
+}
+
+/// Result of the reference: loss and gradients w.r.t. queries, candidates and κ.
+#[derive(Clone, Debug)]
+pub struct RefSoftmaxOut {
+    pub loss: f64,
+    pub dq: Vec<f64>,
+    pub dc: Vec<f64>,
+    pub dkappa: f64,
+}
+
+fn l2n(v: &[f64], eps: f64) -> (Vec<f64>, f64) {
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(eps);
+    (v.iter().map(|x| x / norm).collect(), norm)
+}
+
+/// The in-batch softmax loss the naive way: materialise every logit, mask, log-sum-exp,
+/// and differentiate by hand (the spec's formulas, evaluated in f64).
+pub fn inbatch_softmax(p: &RefSoftmax<'_>) -> RefSoftmaxOut {
+    let (b, n, d) = (p.b, p.n, p.d);
+    let norm = |v: &[f64]| {
+        if p.l2 {
+            l2n(v, p.eps)
+        } else {
+            (v.to_vec(), 1.0)
+        }
+    };
+    let qn: Vec<(Vec<f64>, f64)> = (0..b).map(|i| norm(&p.queries[i * d..i * d + d])).collect();
+    let cn: Vec<(Vec<f64>, f64)> = (0..n).map(|j| norm(&p.cands[j * d..j * d + d])).collect();
+    let dot = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(x, y)| x * y).sum::<f64>();
+    let mut loss = 0.0;
+    let mut dqh = vec![0.0; b * d];
+    let mut dch = vec![0.0; n * d];
+    let mut dkappa = 0.0;
+    for i in 0..b {
+        let t = p.target[i];
+        let valid_col = |j: usize| p.valid.is_none_or(|v| v[j]);
+        if p.weight[i] == 0.0 || t >= n || !valid_col(t) {
+            continue;
+        }
+        let in_d = |j: usize| {
+            if !valid_col(j) {
+                return false;
+            }
+            if j == t {
+                return true;
+            }
+            if let Some(ids) = p.ids {
+                if ids[j] == ids[t] {
+                    return false;
+                }
+            }
+            if let (Some(rq), Some(cq)) = (p.row_qid, p.col_qid) {
+                if cq[j] >= 0 && cq[j] == rq[i] {
+                    return false;
+                }
+            }
+            true
+        };
+        let s: Vec<f64> = (0..n)
+            .map(|j| p.kappa * dot(&qn[i].0, &cn[j].0) - p.log_q.map_or(0.0, |lq| lq[j]))
+            .collect();
+        let m = (0..n)
+            .filter(|&j| in_d(j))
+            .map(|j| s[j])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let lse = m
+            + (0..n)
+                .filter(|&j| in_d(j))
+                .map(|j| (s[j] - m).exp())
+                .sum::<f64>()
+                .ln();
+        let pt = (s[t] - lse).exp();
+        let w = p.weight[i] / p.z;
+        let a = match p.kind[i] {
+            RefRowKind::Pos => {
+                loss += w * (lse - s[t]);
+                w
+            }
+            RefRowKind::Ntr => {
+                loss += -w * (1.0 - pt).ln();
+                -w * pt / (1.0 - pt)
+            }
+        };
+        for j in 0..n {
+            let pij = if in_d(j) { (s[j] - lse).exp() } else { 0.0 };
+            let g = a * (pij - if j == t { 1.0 } else { 0.0 });
+            if g == 0.0 {
+                continue;
+            }
+            dkappa += g * dot(&qn[i].0, &cn[j].0);
+            for k in 0..d {
+                dqh[i * d + k] += p.kappa * g * cn[j].0[k];
+                dch[j * d + k] += p.kappa * g * qn[i].0[k];
+            }
+        }
+    }
+    // Through the normalisation: ∂L/∂u = (g − û⟨û, g⟩)/‖u‖ (when ‖u‖ ≥ ε).
+    let unnorm = |gh: &[f64], (vh, nrm): &(Vec<f64>, f64), raw: &[f64]| -> Vec<f64> {
+        if !p.l2 {
+            return gh.to_vec();
+        }
+        let rawn = raw.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if rawn < p.eps {
+            return gh.iter().map(|g| g / p.eps).collect();
+        }
+        let proj = dot(vh, gh);
+        gh.iter()
+            .zip(vh)
+            .map(|(g, v)| (g - v * proj) / nrm)
+            .collect()
+    };
+    let dq = (0..b)
+        .flat_map(|i| unnorm(&dqh[i * d..i * d + d], &qn[i], &p.queries[i * d..i * d + d]))
+        .collect();
+    let dc = (0..n)
+        .flat_map(|j| unnorm(&dch[j * d..j * d + d], &cn[j], &p.cands[j * d..j * d + d]))
+        .collect();
+    RefSoftmaxOut {
+        loss,
+        dq,
+        dc,
+        dkappa,
+    }
+}

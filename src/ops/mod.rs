@@ -5,6 +5,7 @@ pub(crate) mod backend;
 pub mod fdo;
 pub mod gated_cross;
 pub(crate) mod gemm;
+pub mod inbatch_softmax;
 pub mod linear;
 
 pub use gemm::Activation;

@@ -1,0 +1,617 @@
+//! The fused in-batch softmax against a naive f64 reference that materialises every logit;
+//! finite differences for queries, candidates and κ; the logQ sign; the NTR gradient relation;
+//! duplicates ≡ deduplicated columns; masked rows and padding; dtypes; determinism.
+
+mod common;
+
+use common::{assert_close, backends, finite_diff, rng};
+use rand::Rng;
+use recfuse::cpu::reference::{self, RefRowKind, RefSoftmax};
+use recfuse::ops::inbatch_softmax::{Columns, InBatchSoftmax, Reduction, RowKind, Rows};
+use recfuse::{DType, Device, Error, Tensor};
+
+/// A random problem: B rows over N columns, with ids (some duplicated), logQ, validity, query
+/// ids, mixed POS/NTR rows and a padding row.
+struct Problem {
+    b: usize,
+    n: usize,
+    d: usize,
+    q: Vec<f32>,
+    c: Vec<f32>,
+    target: Vec<u32>,
+    kind: Vec<RowKind>,
+    weight: Vec<f32>,
+    log_q: Vec<f32>,
+    ids: Vec<i64>,
+    valid: Vec<bool>,
+    row_qid: Vec<i64>,
+    col_qid: Vec<i64>,
+}
+
+fn problem(r: &mut impl Rng, b: usize, n: usize, d: usize) -> Problem {
+    assert!(n >= b);
+    let q = common::uniform(r, b * d, 1.0);
+    let c = common::uniform(r, n * d, 1.0);
+    let target: Vec<u32> = (0..b as u32).collect();
+    let kind = (0..b)
+        .map(|i| {
+            if i % 3 == 2 {
+                RowKind::Ntr
+            } else {
+                RowKind::Pos
+            }
+        })
+        .collect();
+    let mut weight: Vec<f32> = (0..b).map(|_| r.random_range(0.5..1.5)).collect();
+    weight[b - 1] = 0.0; // a padding row
+    let log_q = (0..n).map(|_| r.random_range(-3.0..0.0)).collect();
+    // Item ids drawn from a small pool so accidental hits happen.
+    let ids = (0..n)
+        .map(|_| r.random_range(0..(n as i64 / 2).max(2)))
+        .collect();
+    let mut valid: Vec<bool> = (0..n).map(|_| r.random_range(0.0..1.0) > 0.1).collect();
+    for t in &target[..b - 1] {
+        valid[*t as usize] = true;
+    }
+    let row_qid: Vec<i64> = (0..b).map(|i| (i / 2) as i64).collect();
+    let col_qid = (0..n)
+        .map(|j| if j < b { row_qid[j] } else { -1 })
+        .collect();
+    Problem {
+        b,
+        n,
+        d,
+        q,
+        c,
+        target,
+        kind,
+        weight,
+        log_q,
+        ids,
+        valid,
+        row_qid,
+        col_qid,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Features {
+    logq: bool,
+    hits: bool,
+    valid: bool,
+    qid: bool,
+    l2: bool,
+}
+
+const ALL: Features = Features {
+    logq: true,
+    hits: true,
+    valid: true,
+    qid: true,
+    l2: true,
+};
+
+fn reference_of(
+    p: &Problem,
+    f: Features,
+    kappa: f64,
+    q: &[f64],
+    c: &[f64],
+) -> reference::RefSoftmaxOut {
+    let lq: Vec<f64> = p.log_q.iter().map(|&v| v as f64).collect();
+    let w: Vec<f64> = p.weight.iter().map(|&v| v as f64).collect();
+    let t: Vec<usize> = p.target.iter().map(|&v| v as usize).collect();
+    let kind: Vec<RefRowKind> = p
+        .kind
+        .iter()
+        .map(|k| {
+            if *k == RowKind::Pos {
+                RefRowKind::Pos
+            } else {
+                RefRowKind::Ntr
+            }
+        })
+        .collect();
+    reference::inbatch_softmax(&RefSoftmax {
+        b: p.b,
+        n: p.n,
+        d: p.d,
+        queries: q,
+        cands: c,
+        target: &t,
+        kind: &kind,
+        weight: &w,
+        log_q: f.logq.then_some(lq.as_slice()),
+        ids: f.hits.then_some(p.ids.as_slice()),
+        valid: f.valid.then_some(p.valid.as_slice()),
+        row_qid: f.qid.then_some(p.row_qid.as_slice()),
+        col_qid: f.qid.then_some(p.col_qid.as_slice()),
+        kappa,
+        l2: f.l2,
+        eps: 1e-12,
+        z: w.iter().sum(),
+    })
+}
+
+fn run(
+    p: &Problem,
+    f: Features,
+    loss: &InBatchSoftmax,
+    dev: &Device,
+    dtype: DType,
+) -> (f64, Vec<f64>, Vec<f64>, f32, Vec<f64>, Vec<f64>) {
+    let q = Tensor::from_f32(&p.q, &[p.b, p.d], dtype, dev).unwrap();
+    let c = Tensor::from_f32(&p.c, &[p.n, p.d], dtype, dev).unwrap();
+    let rows = Rows {
+        queries: &q,
+        target: &p.target,
+        kind: &p.kind,
+        weight: &p.weight,
+        query_ids: f.qid.then_some(p.row_qid.as_slice()),
+    };
+    let cols = Columns {
+        emb: &c,
+        log_q: f.logq.then_some(p.log_q.as_slice()),
+        ids: f.hits.then_some(p.ids.as_slice()),
+        valid: f.valid.then_some(p.valid.as_slice()),
+        query_ids: f.qid.then_some(p.col_qid.as_slice()),
+    };
+    let fwd = loss.forward(&rows, &cols, None).unwrap();
+    let g = loss.backward(&rows, &cols, &fwd).unwrap();
+    (
+        fwd.loss,
+        g.dq.to_f64_vec().unwrap(),
+        g.dc.to_f64_vec().unwrap(),
+        g.dkappa,
+        q.to_f64_vec().unwrap(),
+        c.to_f64_vec().unwrap(),
+    )
+}
+
+#[test]
+fn fused_matches_naive_reference_every_dtype() {
+    for be in backends() {
+        for dtype in DType::ALL {
+            for (b, n, d, f) in [
+                (7, 300, 16, ALL),
+                (33, 257, 8, Features { l2: false, ..ALL }),
+                (
+                    5,
+                    513,
+                    3,
+                    Features {
+                        logq: false,
+                        qid: false,
+                        ..ALL
+                    },
+                ),
+                (
+                    1,
+                    1,
+                    4,
+                    Features {
+                        hits: false,
+                        valid: false,
+                        qid: false,
+                        ..ALL
+                    },
+                ),
+            ] {
+                let mut r = rng("softmax");
+                let p = problem(&mut r, b.max(2), n.max(2), d);
+                let loss = InBatchSoftmax {
+                    kappa: 4.0,
+                    learn_kappa: true,
+                    l2_normalize: f.l2,
+                    remove_accidental_hits: f.hits,
+                    ..Default::default()
+                };
+                let what = format!("{} {dtype} b={b} n={n} d={d}", be.name);
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&p, f, &loss, &be.device, dtype)
+                }));
+                let (l, dq, dc, dk, qv, cv) = match res {
+                    Ok(v) => v,
+                    Err(_) if be.name != "cpu" => {
+                        eprintln!("[recfuse tests] inbatch_softmax on {}: not implemented on this backend yet (Error::Unsupported)", be.name);
+                        break;
+                    }
+                    Err(e) => std::panic::resume_unwind(e),
+                };
+                let want = reference_of(&p, f, 4.0, &qv, &cv);
+                let tol = common::tolerance(DType::F32, d) * 10.0;
+                assert!(
+                    (l - want.loss).abs() <= tol * want.loss.abs().max(1.0),
+                    "{what}: loss {l} vs {}",
+                    want.loss
+                );
+                assert_close(
+                    &format!("{what} dq"),
+                    &dq,
+                    &want.dq,
+                    common::tolerance(dtype, p.n) * 10.0,
+                );
+                assert_close(&format!("{what} dc"), &dc, &want.dc, tol);
+                assert!(
+                    ((dk as f64) - want.dkappa).abs() <= tol * want.dkappa.abs().max(1.0),
+                    "{what}: dκ {dk} vs {}",
+                    want.dkappa
+                );
+            }
+        }
+    }
+}
+
+/// The reference's hand-derived gradients against central differences of its own loss.
+#[test]
+fn reference_gradients_match_finite_differences() {
+    let mut r = rng("softmax fd");
+    let p = problem(&mut r, 4, 9, 3);
+    for f in [ALL, Features { l2: false, ..ALL }] {
+        let q: Vec<f64> = p.q.iter().map(|&v| v as f64).collect();
+        let c: Vec<f64> = p.c.iter().map(|&v| v as f64).collect();
+        let out = reference_of(&p, f, 3.0, &q, &c);
+        let h = 1e-6;
+        assert_close(
+            "dq vs fd",
+            &out.dq,
+            &finite_diff(&q, h, |x| reference_of(&p, f, 3.0, x, &c).loss),
+            1e-6,
+        );
+        assert_close(
+            "dc vs fd",
+            &out.dc,
+            &finite_diff(&c, h, |x| reference_of(&p, f, 3.0, &q, x).loss),
+            1e-6,
+        );
+        let dk = finite_diff(&[3.0], h, |k| reference_of(&p, f, k[0], &q, &c).loss);
+        assert_close("dκ vs fd", &[out.dkappa], &dk, 1e-6);
+    }
+}
+
+/// The fused CPU gradients (f32) against central differences of the f64 loss.
+#[test]
+fn fused_gradients_match_finite_differences() {
+    let mut r = rng("softmax fused fd");
+    let p = problem(&mut r, 5, 11, 4);
+    let loss = InBatchSoftmax {
+        kappa: 2.5,
+        learn_kappa: true,
+        l2_normalize: true,
+        ..Default::default()
+    };
+    let (_, dq, dc, dk, qv, cv) = run(&p, ALL, &loss, &Device::cpu(), DType::F32);
+    let h = 1e-5;
+    assert_close(
+        "dq vs fd",
+        &dq,
+        &finite_diff(&qv, h, |x| reference_of(&p, ALL, 2.5, x, &cv).loss),
+        1e-5,
+    );
+    assert_close(
+        "dc vs fd",
+        &dc,
+        &finite_diff(&cv, h, |x| reference_of(&p, ALL, 2.5, &qv, x).loss),
+        1e-5,
+    );
+    let fd = finite_diff(&[2.5], h, |k| reference_of(&p, ALL, k[0], &qv, &cv).loss);
+    assert_close("dκ vs fd", &[dk as f64], &fd, 1e-5);
+}
+
+/// logQ correction subtracts log q: a popular column (large q) gets a *smaller* logit, so
+/// raising its q must lower the probability mass it takes from the positive (TFRS #219).
+#[test]
+fn logq_sign() {
+    let dev = Device::cpu();
+    let q = Tensor::from_f32(&[1.0, 0.0], &[1, 2], DType::F32, &dev).unwrap();
+    let c = Tensor::from_f32(&[1.0, 0.0, 1.0, 0.0], &[2, 2], DType::F32, &dev).unwrap();
+    let loss = InBatchSoftmax {
+        remove_accidental_hits: false,
+        ..Default::default()
+    };
+    let rows = Rows {
+        queries: &q,
+        target: &[0],
+        kind: &[RowKind::Pos],
+        weight: &[1.0],
+        query_ids: None,
+    };
+    let at = |lq_neg: f32| {
+        let lq = [0.0, lq_neg];
+        let cols = Columns {
+            emb: &c,
+            log_q: Some(&lq),
+            ids: None,
+            valid: None,
+            query_ids: None,
+        };
+        loss.forward(&rows, &cols, None).unwrap().loss
+    };
+    // Equal logits without correction: loss = ln 2. A popular negative (log q = 0 > −2) keeps
+    // its logit; a rare one (log q = −2) is boosted by +2 and costs more.
+    assert!((at(0.0) - 2f64.ln()).abs() < 1e-6);
+    let rare = at(-2.0);
+    assert!((rare - (1.0 + 2f64.exp()).ln()).abs() < 1e-5, "loss {rare}");
+}
+
+/// An NTR row's gradient is −p/(1−p) times the same row's POS gradient.
+#[test]
+fn ntr_gradient_relation() {
+    let mut r = rng("ntr");
+    let mut p = problem(&mut r, 3, 7, 4);
+    p.weight = vec![1.0, 0.0, 0.0];
+    let loss = InBatchSoftmax {
+        kappa: 2.0,
+        ..Default::default()
+    };
+    let f = Features { l2: false, ..ALL };
+    p.kind[0] = RowKind::Pos;
+    let (_, dq_pos, dc_pos, ..) = run(&p, f, &loss, &Device::cpu(), DType::F32);
+    p.kind[0] = RowKind::Ntr;
+    let dev = Device::cpu();
+    let q = Tensor::from_f32(&p.q, &[3, 4], DType::F32, &dev).unwrap();
+    let c = Tensor::from_f32(&p.c, &[7, 4], DType::F32, &dev).unwrap();
+    let rows = Rows {
+        queries: &q,
+        target: &p.target,
+        kind: &p.kind,
+        weight: &p.weight,
+        query_ids: Some(&p.row_qid),
+    };
+    let cols = Columns {
+        emb: &c,
+        log_q: Some(&p.log_q),
+        ids: Some(&p.ids),
+        valid: Some(&p.valid),
+        query_ids: Some(&p.col_qid),
+    };
+    let fwd = loss.forward(&rows, &cols, None).unwrap();
+    let pt = fwd.p_target[0] as f64;
+    let g = loss.backward(&rows, &cols, &fwd).unwrap();
+    let k = -pt / (1.0 - pt);
+    let scaled = |v: &[f64]| v.iter().map(|x| x * k).collect::<Vec<_>>();
+    assert_close(
+        "NTR dq",
+        &g.dq.to_f64_vec().unwrap(),
+        &scaled(&dq_pos),
+        1e-5,
+    );
+    assert_close(
+        "NTR dc",
+        &g.dc.to_f64_vec().unwrap(),
+        &scaled(&dc_pos),
+        1e-5,
+    );
+    assert!((fwd.loss + (1.0 - pt).ln()).abs() < 1e-6);
+}
+
+/// Without logQ, a row whose positive item appears several times among the columns (another
+/// user clicked it too) has the same loss and query gradient as over the deduplicated set:
+/// accidental-hit removal drops the copies of its target and nothing else.
+#[test]
+fn duplicates_equal_deduplicated_set() {
+    let dev = Device::cpu();
+    let mut r = rng("dups");
+    let d = 5;
+    let items = common::uniform(&mut r, 4 * d, 1.0); // items 0..4
+    let qv = common::uniform(&mut r, 2 * d, 1.0);
+    let q = Tensor::from_f32(&qv, &[2, d], DType::F32, &dev).unwrap();
+    let loss = InBatchSoftmax {
+        kappa: 3.0,
+        ..Default::default()
+    };
+    let cols_of = |order: &[usize]| {
+        let v: Vec<f32> = order
+            .iter()
+            .flat_map(|&i| items[i * d..i * d + d].iter().copied())
+            .collect();
+        let ids: Vec<i64> = order.iter().map(|&i| i as i64).collect();
+        (
+            Tensor::from_f32(&v, &[order.len(), d], DType::F32, &dev).unwrap(),
+            ids,
+        )
+    };
+    // Both rows target item 0, which sits in columns 0, 3 and 5 of the duplicated set.
+    let (dup, dup_ids) = cols_of(&[0, 1, 2, 0, 3, 0]);
+    let (ded, ded_ids) = cols_of(&[0, 1, 2, 3]);
+    let run = |c: &Tensor, ids: &[i64], targets: &[u32]| {
+        let rows = Rows {
+            queries: &q,
+            target: targets,
+            kind: &[RowKind::Pos, RowKind::Ntr],
+            weight: &[1.0, 0.7],
+            query_ids: None,
+        };
+        let cols = Columns {
+            emb: c,
+            log_q: None,
+            ids: Some(ids),
+            valid: None,
+            query_ids: None,
+        };
+        let f = loss.forward(&rows, &cols, None).unwrap();
+        let g = loss.backward(&rows, &cols, &f).unwrap();
+        (f.loss, g.dq.to_f64_vec().unwrap())
+    };
+    let (l_dup, dq_dup) = run(&dup, &dup_ids, &[0, 3]);
+    let (l_ded, dq_ded) = run(&ded, &ded_ids, &[0, 0]);
+    assert!(
+        (l_dup - l_ded).abs() < 1e-6 * l_ded.abs().max(1.0),
+        "{l_dup} vs {l_ded}"
+    );
+    assert_close("dq with duplicates", &dq_dup, &dq_ded, 1e-6);
+    // Without removal the copies are negatives and the loss differs.
+    let keep = InBatchSoftmax {
+        remove_accidental_hits: false,
+        ..loss.clone()
+    };
+    let rows = Rows {
+        queries: &q,
+        target: &[0, 3],
+        kind: &[RowKind::Pos, RowKind::Ntr],
+        weight: &[1.0, 0.7],
+        query_ids: None,
+    };
+    let l_keep = keep
+        .forward(
+            &rows,
+            &Columns {
+                emb: &dup,
+                log_q: None,
+                ids: Some(&dup_ids),
+                valid: None,
+                query_ids: None,
+            },
+            None,
+        )
+        .unwrap()
+        .loss;
+    assert!((l_keep - l_ded).abs() > 1e-3);
+}
+
+#[test]
+fn masked_rows_and_padding_are_zero_not_nan() {
+    let dev = Device::cpu();
+    let q = Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2], DType::F32, &dev).unwrap();
+    let c = Tensor::from_f32(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2], DType::F32, &dev).unwrap();
+    let loss = InBatchSoftmax {
+        remove_accidental_hits: false,
+        ..Default::default()
+    };
+    // Row 0: target column invalid → inactive. Row 1: weight 0. Row 2: NTR whose domain is
+    // only its target (p = 1) → clamped, finite.
+    let rows = Rows {
+        queries: &q,
+        target: &[0, 1, 2],
+        kind: &[RowKind::Pos, RowKind::Pos, RowKind::Ntr],
+        weight: &[1.0, 0.0, 1.0],
+        query_ids: None,
+    };
+    let valid = [false, false, true];
+    let cols = Columns {
+        emb: &c,
+        log_q: None,
+        ids: None,
+        valid: Some(&valid),
+        query_ids: None,
+    };
+    let fwd = loss.forward(&rows, &cols, None).unwrap();
+    assert!(fwd.loss.is_finite());
+    let g = loss.backward(&rows, &cols, &fwd).unwrap();
+    let dq = g.dq.to_f32_vec().unwrap();
+    assert!(dq.iter().all(|v| v.is_finite()));
+    assert_eq!(&dq[..4], &[0.0; 4], "inactive rows get zero gradient");
+    // All rows padding: zero loss, zero gradients.
+    let rows0 = Rows {
+        weight: &[0.0; 3],
+        ..rows
+    };
+    let fwd = loss.forward(&rows0, &cols, None).unwrap();
+    assert_eq!(fwd.loss, 0.0);
+    let g = loss.backward(&rows0, &cols, &fwd).unwrap();
+    assert!(g.dc.to_f32_vec().unwrap().iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn deterministic_and_sum_reduction() {
+    let mut r = rng("det");
+    let p = problem(&mut r, 70, 600, 8);
+    let loss = InBatchSoftmax {
+        kappa: 5.0,
+        l2_normalize: true,
+        ..Default::default()
+    };
+    let a = run(&p, ALL, &loss, &Device::cpu(), DType::F32);
+    let b = run(&p, ALL, &loss, &Device::cpu(), DType::F32);
+    assert!(a.1 == b.1 && a.2 == b.2 && a.0 == b.0, "two runs differ");
+    let sum = InBatchSoftmax {
+        reduction: Reduction::Sum,
+        ..loss
+    };
+    let s = run(&p, ALL, &sum, &Device::cpu(), DType::F32);
+    let z: f64 = p.weight.iter().map(|&w| w as f64).sum();
+    assert!((s.0 - a.0 * z).abs() < 1e-4 * s.0.abs());
+}
+
+#[test]
+fn bad_input() {
+    let dev = Device::cpu();
+    let q = Tensor::zeros(&[2, 3], DType::F32, &dev).unwrap();
+    let c = Tensor::zeros(&[4, 2], DType::F32, &dev).unwrap();
+    let loss = InBatchSoftmax {
+        remove_accidental_hits: false,
+        ..Default::default()
+    };
+    let rows = Rows {
+        queries: &q,
+        target: &[0, 1],
+        kind: &[RowKind::Pos; 2],
+        weight: &[1.0; 2],
+        query_ids: None,
+    };
+    let cols = Columns {
+        emb: &c,
+        log_q: None,
+        ids: None,
+        valid: None,
+        query_ids: None,
+    };
+    assert!(matches!(
+        loss.forward(&rows, &cols, None).unwrap_err(),
+        Error::Shape {
+            arg: "cols.emb",
+            ..
+        }
+    ));
+    let c = Tensor::zeros(&[4, 3], DType::F32, &dev).unwrap();
+    let cols = Columns { emb: &c, ..cols };
+    let bad = Rows {
+        target: &[0],
+        ..rows
+    };
+    assert!(matches!(
+        loss.forward(&bad, &cols, None).unwrap_err(),
+        Error::Shape {
+            arg: "rows.target",
+            ..
+        }
+    ));
+    let lq = [0.0, f32::NAN, 0.0, 0.0];
+    let e = loss
+        .forward(
+            &rows,
+            &Columns {
+                log_q: Some(&lq),
+                ..cols
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        Error::InvalidArgument {
+            arg: "cols.log_q",
+            ..
+        }
+    ));
+    let e = InBatchSoftmax::default()
+        .forward(&rows, &cols, None)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                arg: "cols.ids",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = InBatchSoftmax {
+        kappa: -1.0,
+        ..loss.clone()
+    }
+    .forward(&rows, &cols, None)
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { arg: "kappa", .. }));
+}
