@@ -22,6 +22,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod ops;

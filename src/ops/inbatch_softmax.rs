@@ -416,6 +416,27 @@ impl InBatchSoftmax {
         cols: &Columns<'_>,
         fwd: &SoftmaxForward,
     ) -> Result<SoftmaxGrads> {
+        let (dq, dkappa) = self.query_grads(rows, cols, fwd)?;
+        let (_, n, d) = self.validate(rows, cols)?;
+        let a = self.coeffs(rows, cols, fwd)?;
+        let dc = self
+            .column_grads(rows, cols, &fwd.lse, &a, &[0..n])?
+            .pop()
+            .unwrap_or_default();
+        Ok(SoftmaxGrads {
+            dq,
+            dc: Tensor::from_f32(&dc, &[n, d], DType::F32, &rows.queries.device())?,
+            dkappa,
+        })
+    }
+
+    /// Query gradients (in the queries' dtype) and ∂L/∂κ of this call's rows.
+    pub(crate) fn query_grads(
+        &self,
+        rows: &Rows<'_>,
+        cols: &Columns<'_>,
+        fwd: &SoftmaxForward,
+    ) -> Result<(Tensor, f32)> {
         let (b, n, d) = self.validate(rows, cols)?;
         if fwd.lse.len() != b {
             return Err(Error::shape(
@@ -429,22 +450,74 @@ impl InBatchSoftmax {
         let p = self.problem(rows, cols, &prep, b, n, d);
         let a = self.row_coeffs(rows, fwd, &prep.target);
         let (mut dq, dk) = softmax::grad_queries(&p, &a, &fwd.lse);
-        let mut dc = softmax::grad_columns(&p, &a, &fwd.lse, 0..n);
         if self.l2_normalize {
             l2_backward(&mut dq, &prep.q, &prep.q_norm, d, self.eps);
-            l2_backward(&mut dc, &prep.c, &prep.c_norm, d, self.eps);
         }
-        let dev = rows.queries.device();
         let dkappa = if self.learn_kappa && self.kappa < self.kappa_max {
             dk.iter().map(|&v| v as f64).sum::<f64>() as f32
         } else {
             0.0
         };
-        Ok(SoftmaxGrads {
-            dq: Tensor::from_f32(&dq, &[b, d], rows.queries.dtype(), &dev)?,
-            dc: Tensor::from_f32(&dc, &[n, d], DType::F32, &dev)?,
+        Ok((
+            Tensor::from_f32(&dq, &[b, d], rows.queries.dtype(), &rows.queries.device())?,
             dkappa,
-        })
+        ))
+    }
+}
+
+impl InBatchSoftmax {
+    /// Candidate gradients (after the L2 backward) for the given column ranges, from every row
+    /// in `rows` with coefficients `a` and statistics `lse`: the owner-computes path, where a
+    /// rank has gathered all ranks' rows and computes only its own columns.
+    pub(crate) fn column_grads(
+        &self,
+        rows: &Rows<'_>,
+        cols: &Columns<'_>,
+        lse: &[f32],
+        a: &[f32],
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let (b, n, d) = self.validate(rows, cols)?;
+        if lse.len() != b || a.len() != b {
+            return Err(Error::shape(OP, "lse", format!("[{b}]"), &[lse.len()]));
+        }
+        let prep = self.prepare(rows, cols, d)?;
+        let p = self.problem(rows, cols, &prep, b, n, d);
+        ranges
+            .iter()
+            .map(|r| {
+                if r.end > n {
+                    return Err(Error::invalid(
+                        OP,
+                        "ranges",
+                        format!("{r:?} exceeds {n} columns"),
+                    ));
+                }
+                let mut g = softmax::grad_columns(&p, a, lse, r.clone());
+                if self.l2_normalize {
+                    l2_backward(
+                        &mut g,
+                        &prep.c[r.start * d..r.end * d],
+                        &prep.c_norm[r.clone()],
+                        d,
+                        self.eps,
+                    );
+                }
+                Ok(g)
+            })
+            .collect()
+    }
+
+    /// The row coefficients a_i for `rows` given forward statistics (for gathering).
+    pub(crate) fn coeffs(
+        &self,
+        rows: &Rows<'_>,
+        cols: &Columns<'_>,
+        fwd: &SoftmaxForward,
+    ) -> Result<Vec<f32>> {
+        let (_, _, d) = self.validate(rows, cols)?;
+        let prep = self.prepare(rows, cols, d)?;
+        Ok(self.row_coeffs(rows, fwd, &prep.target))
     }
 }
 
