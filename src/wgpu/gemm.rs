@@ -1,43 +1,667 @@
-//! STUB: wgpu GEMM core launchers.
-use super::WgpuDevice;
-use crate::error::{Error, Result};
-use crate::ops::gemm::{Activation, Gemm};
-use crate::tensor::Tensor;
+//! Launchers for the GEMM core (`kernels/wgsl/gemm.wgsl`) and the passes around it
+//! (`kernels/wgsl/elementwise.wgsl`): argument checks, u32 packing of views, variant selection.
+
 use std::sync::Arc;
 
-fn stub() -> Error {
-    Error::Unsupported {
-        op: "gemm",
-        backend: "wgpu",
-        what: "stub".into(),
+use super::pipelines::{Binding, Kernel, Launch, ELEMENTWISE_WGSL, GEMM_WGSL};
+use super::{WgpuDevice, WgpuStorage, BACKEND};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::gemm::{Activation, Gemm, MatView, MAX_INDEX_32};
+use crate::tensor::{Storage, Tensor};
+
+/// The tile geometry documented in gemm.wgsl (and mirrored by the CUDA kernel).
+const WG_X: u32 = 16;
+const WG_Y: u32 = 16;
+const BK: u32 = 16;
+const BM: u32 = 4 * WG_Y;
+const BN: u32 = 4 * WG_X;
+const PAD: u32 = 4;
+/// Threads per workgroup of the elementwise kernels (fixed in elementwise.wgsl).
+const EW_THREADS: u32 = 256;
+
+use Binding::{Read as R, ReadWrite as RW, Uniform as U};
+
+const GEMM: Kernel = Kernel {
+    shader: GEMM_WGSL,
+    entry: "gemm_main",
+    bindings: &[U, R, R, R, R, RW, RW],
+};
+const PACK: Kernel = Kernel {
+    shader: ELEMENTWISE_WGSL,
+    entry: "pack_main",
+    bindings: &[U, R, RW],
+};
+const ACT_BACKWARD: Kernel = Kernel {
+    shader: ELEMENTWISE_WGSL,
+    entry: "act_backward_main",
+    bindings: &[U, R, R, RW],
+};
+const COL_SUM: Kernel = Kernel {
+    shader: ELEMENTWISE_WGSL,
+    entry: "col_sum_main",
+    bindings: &[U, R, RW],
+};
+
+fn dtype_code(d: DType) -> f64 {
+    match d {
+        DType::F32 => 0.0,
+        DType::BF16 => 1.0,
+        DType::F16 => 2.0,
     }
 }
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// The wgpu storage of `t`, which must live on `dev`.
+fn storage<'a>(
+    op: &'static str,
+    arg: &'static str,
+    dev: &Arc<WgpuDevice>,
+    t: &'a Tensor,
+) -> Result<&'a WgpuStorage> {
+    match &t.storage {
+        Storage::Wgpu(s) if Arc::ptr_eq(&s.device, dev) => Ok(s),
+        _ => Err(Error::DeviceMismatch {
+            op,
+            arg,
+            expected: dev.describe(),
+            actual: t.device().describe(),
+        }),
+    }
+}
+
+fn to_u32(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| {
+        Error::invalid(
+            op,
+            arg,
+            format!("{what} = {v} does not fit the kernels' 32-bit index arithmetic"),
+        )
+    })
+}
+
+fn fits_index(op: &'static str, arg: &'static str, n: usize) -> Result<()> {
+    if n > MAX_INDEX_32 {
+        return Err(Error::invalid(
+            op,
+            arg,
+            format!("{n} elements exceed the 32-bit index limit {MAX_INDEX_32}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `[offset, row_stride, col_stride, batch_stride]` as u32. The stride of an axis of size 1 is
+/// never multiplied by anything but 0, so it is zeroed rather than rejected when large.
+fn view_words(
+    op: &'static str,
+    arg: &'static str,
+    v: &MatView,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<[u32; 4]> {
+    let keep = |stride: usize, size: usize| if size > 1 { stride } else { 0 };
+    Ok([
+        to_u32(op, arg, "offset", v.offset)?,
+        to_u32(op, arg, "row stride", keep(v.row_stride, rows))?,
+        to_u32(op, arg, "column stride", keep(v.col_stride, cols))?,
+        to_u32(op, arg, "batch stride", keep(v.batch_stride, batch))?,
+    ])
+}
+
+/// The uniform block of `pack_main`: C's view as three (stride, size, compact stride) axes,
+/// largest stride first. The shader decodes an element index greedily, which is exact only
+/// when the axes nest (each stride exceeds the span of all smaller ones); anything else is
+/// refused here.
+fn pack_uniform(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor,
+    v: &MatView,
+    p: &Gemm<'_>,
+) -> Result<Vec<u32>> {
+    let (b, m, n) = (p.batch, p.m, p.n);
+    let mut axes: Vec<(usize, usize, usize)> = [
+        (v.batch_stride, b, m * n),
+        (v.row_stride, m, n),
+        (v.col_stride, n, 1),
+    ]
+    .into_iter()
+    .filter(|a| a.1 > 1)
+    .collect();
+    axes.sort_by_key(|a| std::cmp::Reverse(a.0));
+    let interleaved = || Error::Unsupported {
+        op: "gemm",
+        backend: BACKEND,
+        what: format!(
+            "a {} `{arg}` whose view (strides row {}, col {}, batch {}) interleaves its axes",
+            t.dtype(),
+            v.row_stride,
+            v.col_stride,
+            v.batch_stride
+        ),
+    };
+    for i in 0..axes.len() {
+        let span: usize = axes[i + 1..].iter().map(|a| a.0 * (a.1 - 1)).sum();
+        if axes[i].0 <= span {
+            return Err(interleaved());
+        }
+    }
+    let numel = t.numel();
+    let nwords = if t.dtype() == DType::F32 {
+        numel
+    } else {
+        numel.div_ceil(2)
+    };
+    let mut u = vec![
+        to_u32(op, arg, "elements", numel)?,
+        to_u32(op, arg, "words", nwords)?,
+        to_u32(op, arg, "offset", v.offset)?,
+        0,
+    ];
+    for i in 0..3 {
+        let (s, size, q) = axes.get(i).copied().unwrap_or((0, 1, 0));
+        u.extend([
+            to_u32(op, arg, "stride", s)?,
+            to_u32(op, arg, "size", size)?,
+            to_u32(op, arg, "compact stride", q)?,
+            0,
+        ]);
+    }
+    Ok(u)
+}
+
+/// Rounds the f32 scratch `src` into `dst` (adding its old values when `accumulate`).
+fn pack_launch<'a>(
+    op: &'static str,
+    arg: &'static str,
+    dst: &Tensor,
+    dst_s: &'a WgpuStorage,
+    src: &'a wgpu::Buffer,
+    p: &Gemm<'_>,
+    accumulate: bool,
+) -> Result<Launch<'a>> {
+    let uniform = pack_uniform(op, arg, dst, &p.c_view, p)?;
+    let words = u64::from(uniform[1]);
+    Ok(Launch {
+        kernel: PACK,
+        constants: vec![
+            ("DT_DST", dtype_code(dst.dtype())),
+            ("ACCUMULATE", flag(accumulate)),
+        ],
+        uniform,
+        buffers: vec![src, &dst_s.buffer],
+        grid: [words.div_ceil(u64::from(EW_THREADS)), 1, 1],
+        workgroup: [EW_THREADS, 1, 1],
+        workgroup_bytes: 0,
+    })
+}
+
+/// The whole GEMM + epilogue: one `gemm_main` dispatch, plus `pack_main` passes when C or pre
+/// is 16-bit (see gemm.wgsl for why 16-bit outputs go through f32 scratch).
 pub(crate) fn gemm(
-    _d: &Arc<WgpuDevice>,
-    _p: &Gemm<'_>,
-    _c: &mut Tensor,
-    _pre: Option<&mut Tensor>,
+    d: &Arc<WgpuDevice>,
+    p: &Gemm<'_>,
+    c: &mut Tensor,
+    pre: Option<&mut Tensor>,
 ) -> Result<()> {
-    Err(stub())
+    const OP: &str = "gemm(wgpu)";
+    let c: &Tensor = c;
+    let pre: Option<&Tensor> = pre.map(|t| &*t);
+    let a_s = storage(OP, "a", d, p.a)?;
+    let b_s = storage(OP, "b", d, p.b)?;
+    let c_s = storage(OP, "c", d, c)?;
+    let bias_s = match p.bias {
+        Some((t, _)) => Some(storage(OP, "bias", d, t)?),
+        None => None,
+    };
+    let res_s = match p.residual {
+        Some(t) => Some(storage(OP, "residual", d, t)?),
+        None => None,
+    };
+    let pre_s = match pre {
+        Some(t) => Some(storage(OP, "pre", d, t)?),
+        None => None,
+    };
+
+    let (m, n, k, batch) = (p.m, p.n, p.k, p.batch);
+    let outputs = batch
+        .checked_mul(m)
+        .and_then(|x| x.checked_mul(n))
+        .ok_or_else(|| Error::invalid(OP, "c", "batch·m·n overflows usize"))?;
+    fits_index(OP, "c", outputs)?;
+    let a_w = view_words(OP, "a", &p.a_view, batch, m, k)?;
+    let b_w = view_words(OP, "b", &p.b_view, batch, k, n)?;
+    let c_w = view_words(OP, "c", &p.c_view, batch, m, n)?;
+    let bias_bs = match p.bias {
+        Some((_, bs)) if batch > 1 => to_u32(OP, "bias", "batch stride", bs)?,
+        _ => 0,
+    };
+    let tiles_n = n.div_ceil(BN as usize);
+    let tiles_m = m.div_ceil(BM as usize);
+
+    // f32 C and pre are written in place; otherwise both go through compact f32 scratch.
+    let direct = c.dtype() == DType::F32 && pre.is_none_or(|t| t.dtype() == DType::F32);
+    let scratch_bytes = (outputs as u64) * 4;
+    let mut scratch = Vec::new();
+    let (c_out, pre_out, o_w, accumulate_here) = if direct {
+        let pre_buf = pre_s.map_or(&d.dummy_rw, |s| &s.buffer);
+        (&c_s.buffer, pre_buf, c_w, p.accumulate)
+    } else {
+        scratch.push(d.pool.take(d, scratch_bytes)?);
+        if pre.is_some() {
+            scratch.push(d.pool.take(d, scratch_bytes)?);
+        }
+        let compact = MatView::new(0, n, 1, m * n);
+        let o_w = view_words(OP, "c", &compact, batch, m, n)?;
+        let pre_buf = scratch.get(1).unwrap_or(&d.dummy_rw);
+        (&scratch[0], pre_buf, o_w, false)
+    };
+
+    let mut uniform = vec![
+        to_u32(OP, "c", "m", m)?,
+        to_u32(OP, "c", "n", n)?,
+        to_u32(OP, "a", "k", k)?,
+        to_u32(OP, "c", "batch", batch)?,
+    ];
+    uniform.extend(a_w);
+    uniform.extend(b_w);
+    uniform.extend(c_w);
+    uniform.extend(o_w);
+    uniform.extend([
+        bias_bs,
+        p.alpha.to_bits(),
+        to_u32(OP, "c", "column tiles", tiles_n)?,
+        to_u32(OP, "c", "row tiles", tiles_m)?,
+    ]);
+
+    let constants = vec![
+        ("WG_X", f64::from(WG_X)),
+        ("WG_Y", f64::from(WG_Y)),
+        ("BK", f64::from(BK)),
+        ("DT_A", dtype_code(p.a.dtype())),
+        ("DT_B", dtype_code(p.b.dtype())),
+        (
+            "DT_BIAS",
+            dtype_code(p.bias.map_or(DType::F32, |b| b.0.dtype())),
+        ),
+        (
+            "DT_RES",
+            dtype_code(p.residual.map_or(DType::F32, |r| r.dtype())),
+        ),
+        ("ACT", f64::from(p.act.id())),
+        ("HAS_BIAS", flag(p.bias.is_some())),
+        ("HAS_RES", flag(p.residual.is_some())),
+        ("HAS_PRE", flag(pre.is_some())),
+        ("ACCUMULATE", flag(accumulate_here)),
+    ];
+    let mut launches = vec![Launch {
+        kernel: GEMM,
+        constants,
+        uniform,
+        buffers: vec![
+            &a_s.buffer,
+            &b_s.buffer,
+            bias_s.map_or(&d.dummy_ro, |s| &s.buffer),
+            res_s.map_or(&d.dummy_ro, |s| &s.buffer),
+            c_out,
+            pre_out,
+        ],
+        grid: [tiles_n as u64, tiles_m as u64, batch as u64],
+        workgroup: [WG_X, WG_Y, 1],
+        workgroup_bytes: 4 * u64::from(BK * (BM + PAD) + BK * (BN + PAD)),
+    }];
+    if !direct {
+        launches.push(pack_launch(OP, "c", c, c_s, &scratch[0], p, p.accumulate)?);
+        if let (Some(t), Some(s), Some(src)) = (pre, pre_s, scratch.get(1)) {
+            launches.push(pack_launch(OP, "pre", t, s, src, p, false)?);
+        }
+    }
+    let result = d.run(&launches);
+    drop(launches);
+    for b in scratch {
+        d.pool.give(b);
+    }
+    result
 }
+
+/// dz = dy ⊙ act'(pre) elementwise (pre is None for `Activation::None`).
 pub(crate) fn act_backward(
-    _d: &Arc<WgpuDevice>,
-    _dy: &Tensor,
-    _pre: Option<&Tensor>,
-    _act: Activation,
-    _dz: &mut Tensor,
+    d: &Arc<WgpuDevice>,
+    dy: &Tensor,
+    pre: Option<&Tensor>,
+    act: Activation,
+    dz: &mut Tensor,
 ) -> Result<()> {
-    Err(stub())
+    const OP: &str = "act_backward(wgpu)";
+    let numel = dy.numel();
+    fits_index(OP, "dy", numel)?;
+    if dz.numel() != numel {
+        return Err(Error::shape(
+            OP,
+            "dz",
+            format!("{numel} elements like dy"),
+            dz.shape(),
+        ));
+    }
+    if let Some(p) = pre {
+        if p.numel() != numel {
+            return Err(Error::shape(
+                OP,
+                "pre",
+                format!("{numel} elements like dy"),
+                p.shape(),
+            ));
+        }
+    }
+    let dy_s = storage(OP, "dy", d, dy)?;
+    let pre_s = match pre {
+        Some(t) => Some(storage(OP, "pre", d, t)?),
+        None => None,
+    };
+    let dz_s = storage(OP, "dz", d, dz)?;
+    let nwords = if dz.dtype() == DType::F32 {
+        numel
+    } else {
+        numel.div_ceil(2)
+    };
+    let launch = Launch {
+        kernel: ACT_BACKWARD,
+        constants: vec![
+            ("DT_DY", dtype_code(dy.dtype())),
+            ("DT_PRE", dtype_code(pre.map_or(DType::F32, |t| t.dtype()))),
+            ("DT_DST", dtype_code(dz.dtype())),
+            ("ACT", f64::from(act.id())),
+            ("HAS_PRE", flag(pre.is_some() && act != Activation::None)),
+        ],
+        uniform: vec![
+            to_u32(OP, "dy", "elements", numel)?,
+            to_u32(OP, "dz", "words", nwords)?,
+        ],
+        buffers: vec![
+            &dy_s.buffer,
+            pre_s.map_or(&d.dummy_ro, |s| &s.buffer),
+            &dz_s.buffer,
+        ],
+        grid: [(nwords as u64).div_ceil(u64::from(EW_THREADS)), 1, 1],
+        workgroup: [EW_THREADS, 1, 1],
+        workgroup_bytes: 0,
+    };
+    d.run(&[launch])
 }
+
+/// out[j] (+)= Σ_i x[i·cols + j], one thread per output word looping rows in order.
 pub(crate) fn col_sum(
-    _d: &Arc<WgpuDevice>,
-    _x: &Tensor,
-    _rows: usize,
-    _cols: usize,
-    _out: &mut Tensor,
-    _accumulate: bool,
+    d: &Arc<WgpuDevice>,
+    x: &Tensor,
+    rows: usize,
+    cols: usize,
+    out: &mut Tensor,
+    accumulate: bool,
 ) -> Result<()> {
-    Err(stub())
+    const OP: &str = "col_sum(wgpu)";
+    let needed = rows
+        .checked_mul(cols)
+        .ok_or_else(|| Error::invalid(OP, "x", "rows·cols overflows usize"))?;
+    if needed > x.numel() {
+        return Err(Error::invalid(
+            OP,
+            "x",
+            format!("{rows}×{cols} elements needed, tensor has {}", x.numel()),
+        ));
+    }
+    if cols > out.numel() {
+        return Err(Error::invalid(
+            OP,
+            "out",
+            format!("{cols} columns, tensor has {} elements", out.numel()),
+        ));
+    }
+    fits_index(OP, "x", x.numel())?;
+    let x_s = storage(OP, "x", d, x)?;
+    let out_s = storage(OP, "out", d, out)?;
+    let nwords = if out.dtype() == DType::F32 {
+        cols
+    } else {
+        cols.div_ceil(2)
+    };
+    let launch = Launch {
+        kernel: COL_SUM,
+        constants: vec![
+            ("DT_X", dtype_code(x.dtype())),
+            ("DT_DST", dtype_code(out.dtype())),
+            ("ACCUMULATE", flag(accumulate)),
+        ],
+        uniform: vec![
+            to_u32(OP, "x", "rows", rows)?,
+            to_u32(OP, "x", "cols", cols)?,
+            to_u32(OP, "out", "words", nwords)?,
+        ],
+        buffers: vec![&x_s.buffer, &out_s.buffer],
+        grid: [(nwords as u64).div_ceil(u64::from(EW_THREADS)), 1, 1],
+        workgroup: [EW_THREADS, 1, 1],
+        workgroup_bytes: 0,
+    };
+    d.run(&[launch])
+}
+
+#[cfg(test)]
+mod tests {
+    //! The seam itself on views the `linear` op never produces: strided and transposed C,
+    //! elements of C outside the view (must be left untouched), alpha ≠ 1, k = 0, accumulate,
+    //! a pre of another dtype than C. The CPU backend runs the same `Gemm` as the oracle.
+    use super::*;
+    use crate::device::{Device, WgpuOptions};
+    use crate::ops::backend;
+
+    fn device() -> Option<Device> {
+        match WgpuDevice::new(&WgpuOptions {
+            allow_software: true,
+        }) {
+            Ok(d) => Some(Device::Wgpu(d)),
+            Err(e) => {
+                let required = std::env::var("RECFUSE_REQUIRE").is_ok_and(|v| v.contains("wgpu"));
+                assert!(!required, "RECFUSE_REQUIRE asks for wgpu, but: {e}");
+                eprintln!("SKIPPED: wgpu unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Deterministic values in (-1, 1) without a dev-dependency in the library.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    struct Spec {
+        dtype: DType,
+        pre_dtype: Option<DType>,
+        m: usize,
+        n: usize,
+        k: usize,
+        batch: usize,
+        a_view: MatView,
+        b_view: MatView,
+        c_view: MatView,
+        alpha: f32,
+        accumulate: bool,
+        act: Activation,
+    }
+
+    fn numel(v: &MatView, batch: usize, rows: usize, cols: usize) -> usize {
+        v.extent(batch, rows, cols) + 3
+    }
+
+    fn check(dev: &Device, s: &Spec, seed: u64) -> Result<()> {
+        let na = numel(&s.a_view, s.batch, s.m, s.k);
+        let nb = numel(&s.b_view, s.batch, s.k, s.n);
+        let nc = numel(&s.c_view, s.batch, s.m, s.n);
+        let (av, bv, cv, pv) = (
+            values(na, seed),
+            values(nb, seed + 1),
+            values(nc, seed + 2),
+            values(nc, seed + 3),
+        );
+        let biasv = values(s.batch * s.n, seed + 4);
+        let mut outs = Vec::new();
+        for d in [dev, &Device::Cpu] {
+            let a = Tensor::from_f32(&av, &[na], s.dtype, d)?;
+            let b = Tensor::from_f32(&bv, &[nb], s.dtype, d)?;
+            let bias = Tensor::from_f32(&biasv, &[s.batch * s.n], s.dtype, d)?;
+            let mut c = Tensor::from_f32(&cv, &[nc], s.dtype, d)?;
+            let mut pre = match s.pre_dtype {
+                Some(pd) => Some(Tensor::from_f32(&pv, &[nc], pd, d)?),
+                None => None,
+            };
+            let g = Gemm {
+                m: s.m,
+                n: s.n,
+                k: s.k,
+                batch: s.batch,
+                alpha: s.alpha,
+                a: &a,
+                a_view: s.a_view,
+                b: &b,
+                b_view: s.b_view,
+                bias: Some((&bias, s.n)),
+                act: s.act,
+                residual: None,
+                accumulate: s.accumulate,
+                c_view: s.c_view,
+                allow_tf32: false,
+            };
+            g.check("test", &c, pre.as_ref())?;
+            backend::gemm(d, &g, &mut c, pre.as_mut())?;
+            outs.push((c.to_f32_vec()?, pre.map(|p| p.to_f32_vec()).transpose()?));
+        }
+        let mut in_view = vec![false; nc];
+        for g in 0..s.batch {
+            for i in 0..s.m {
+                for j in 0..s.n {
+                    in_view[s.c_view.at(g, i, j)] = true;
+                }
+            }
+        }
+        let tol_of = |d: DType| match d {
+            DType::F32 => 1e-5,
+            DType::BF16 => 1e-2,
+            DType::F16 => 2e-3,
+        };
+        let compare = |what: &str, got: &[f32], want: &[f32], tol: f32| {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) + 1e-3;
+            for (e, (&g, &w)) in got.iter().zip(want).enumerate() {
+                if in_view[e] {
+                    assert!(
+                        (g - w).abs() <= tol * scale,
+                        "{what}[{e}]: wgpu {g}, cpu {w}"
+                    );
+                } else {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{what}[{e}] outside the view changed"
+                    );
+                }
+            }
+        };
+        compare("c", &outs[0].0, &outs[1].0, tol_of(s.dtype));
+        if let (Some(p0), Some(p1), Some(pd)) = (&outs[0].1, &outs[1].1, s.pre_dtype) {
+            compare("pre", p0, p1, tol_of(pd));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn strided_views_match_the_cpu() {
+        let Some(dev) = device() else { return };
+        let (m, n, k, batch) = (67, 70, 19, 2);
+        for (i, dtype) in DType::ALL.into_iter().enumerate() {
+            // C rows padded by 3, batches by 2 more, starting at element 5; A read transposed.
+            let padded = Spec {
+                dtype,
+                pre_dtype: Some(dtype),
+                m,
+                n,
+                k,
+                batch,
+                a_view: MatView::new(1, 1, m, m * k),
+                b_view: MatView::new(0, n, 1, k * n),
+                c_view: MatView::new(5, n + 3, 1, (n + 3) * m + 2),
+                alpha: 0.5,
+                accumulate: true,
+                act: Activation::Gelu,
+            };
+            check(&dev, &padded, 10 * i as u64).expect("padded C");
+            // C written transposed (column-major), pre in f16 next to any C.
+            let transposed = Spec {
+                pre_dtype: Some(DType::F16),
+                c_view: MatView::new(0, 1, m, m * n),
+                accumulate: false,
+                act: Activation::Sigmoid,
+                ..padded
+            };
+            check(&dev, &transposed, 10 * i as u64 + 5).expect("transposed C");
+            // k = 0: z is the bias alone.
+            let empty_k = Spec {
+                k: 0,
+                pre_dtype: None,
+                act: Activation::Relu,
+                ..transposed
+            };
+            check(&dev, &empty_k, 10 * i as u64 + 7).expect("k = 0");
+            // Every other element of C: each 16-bit word holds one element in the view and one
+            // outside it, which must survive the read-modify-write of the pack pass.
+            let every_other = Spec {
+                pre_dtype: Some(dtype),
+                c_view: MatView::new(1, 2 * n + 1, 2, (2 * n + 1) * m),
+                accumulate: true,
+                ..padded
+            };
+            check(&dev, &every_other, 10 * i as u64 + 9).expect("every other element");
+        }
+    }
+
+    #[test]
+    fn interleaved_16_bit_output_is_refused() {
+        let Some(dev) = device() else { return };
+        let s = Spec {
+            dtype: DType::BF16,
+            pre_dtype: None,
+            m: 4,
+            n: 4,
+            k: 3,
+            batch: 1,
+            a_view: MatView::new(0, 3, 1, 0),
+            b_view: MatView::new(0, 4, 1, 0),
+            // Rows 2 elements apart but 4 wide: the view covers elements twice.
+            c_view: MatView::new(0, 2, 1, 0),
+            alpha: 1.0,
+            accumulate: false,
+            act: Activation::None,
+        };
+        match check(&dev, &s, 1) {
+            Err(Error::Unsupported { what, .. }) => assert!(what.contains("interleaves"), "{what}"),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
 }
 pub(crate) fn gate_backward(
     _d: &Arc<super::WgpuDevice>,
