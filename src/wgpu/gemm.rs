@@ -214,6 +214,13 @@ pub(crate) fn gemm(
     pre: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "gemm(wgpu)";
+    if p.mul.is_some() || p.gated || p.pre_view != p.c_view {
+        return Err(Error::Unsupported {
+            op: OP,
+            backend: "wgpu",
+            what: "the multiplier and gated (GDCN) epilogues are not in this kernel yet".into(),
+        });
+    }
     let c: &Tensor = c;
     let pre: Option<&Tensor> = pre.map(|t| &*t);
     let a_s = storage(OP, "a", d, p.a)?;
