@@ -142,10 +142,10 @@ fn ranks_equal_one_rank_on_the_concatenated_batch() {
             owner_computes: owner,
         };
         let single = {
-            let g = LocalGroup::new(1).unwrap();
+            let g = LocalGroup::ranks(1).unwrap();
             run_rank(&g[0], &concat(&parts), d, &cfg)
         };
-        let comms = LocalGroup::new(parts.len()).unwrap();
+        let comms = LocalGroup::ranks(parts.len()).unwrap();
         let outs: Vec<Out> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
                 .iter()
@@ -195,7 +195,7 @@ fn ranks_equal_one_rank_on_the_concatenated_batch() {
         if owner {
             // Owner-computes is bitwise reproducible: a second run gives the same bits.
             let again: Vec<Out> = std::thread::scope(|s| {
-                let comms = LocalGroup::new(parts.len()).unwrap();
+                let comms = LocalGroup::ranks(parts.len()).unwrap();
                 let hs: Vec<_> = comms
                     .into_iter()
                     .zip(&parts)
@@ -229,7 +229,7 @@ fn ranks_equal_one_rank_on_the_concatenated_batch() {
 #[test]
 fn mismatched_and_dead_ranks_error_instead_of_hanging() {
     // Mismatched collectives: rank 0 all-reduces 2 values, rank 1 3 values.
-    let comms = LocalGroup::with_timeout(2, Duration::from_secs(10)).unwrap();
+    let comms = LocalGroup::ranks_with_timeout(2, Duration::from_secs(10)).unwrap();
     let errs: Vec<bool> = std::thread::scope(|s| {
         let a = s.spawn(|| comms[0].all_reduce_sum(&mut [1.0, 2.0]).is_err());
         let b = s.spawn(|| comms[1].all_reduce_sum(&mut [1.0, 2.0, 3.0]).is_err());
@@ -238,12 +238,12 @@ fn mismatched_and_dead_ranks_error_instead_of_hanging() {
     assert_eq!(errs, vec![true, true]);
 
     // A rank that never arrives: timeout error.
-    let comms = LocalGroup::with_timeout(2, Duration::from_millis(200)).unwrap();
+    let comms = LocalGroup::ranks_with_timeout(2, Duration::from_millis(200)).unwrap();
     let e = comms[0].all_gather_bytes(b"x").unwrap_err();
     assert!(e.to_string().contains("timed out"), "{e}");
 
     // A rank whose thread dies: the other fails at once, naming it.
-    let mut comms = LocalGroup::with_timeout(2, Duration::from_secs(30)).unwrap();
+    let mut comms = LocalGroup::ranks_with_timeout(2, Duration::from_secs(30)).unwrap();
     let c1 = comms.pop().unwrap();
     let c0 = comms.pop().unwrap();
     let t0 = std::time::Instant::now();
@@ -257,7 +257,7 @@ fn mismatched_and_dead_ranks_error_instead_of_hanging() {
 
 #[test]
 fn logq_estimator_state_is_identical_on_every_rank() {
-    let comms = LocalGroup::new(3).unwrap();
+    let comms = LocalGroup::ranks(3).unwrap();
     let states: Vec<LogQEstimator> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()

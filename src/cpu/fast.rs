@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::ops::gemm::{act_f32, act_grad_f32, Gemm, MatView};
+use crate::ops::gemm::{act_f32, act_grad_f32, Gemm};
 use crate::tensor::{CpuStorage, Tensor};
 
 fn host<'a>(op: &'static str, arg: &'static str, t: &'a Tensor) -> Result<&'a CpuStorage> {
@@ -93,54 +93,8 @@ impl OutPtr {
     }
 }
 
-fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    a: &[f32],
-    av: MatView,
-    b: &[f32],
-    bv: MatView,
-    g: usize,
-    alpha: f32,
-) {
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: dst is an exclusively borrowed m×n row-major buffer; the operand pointers plus
-    // the strided views stay in bounds because `Gemm::check` verified each view's extent
-    // against its tensor before any backend ran. Strides fit isize (tensor sizes fit in memory).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr().add(av.offset + g * av.batch_stride),
-            av.col_stride as isize,
-            av.row_stride as isize,
-            b.as_ptr().add(bv.offset + g * bv.batch_stride),
-            bv.col_stride as isize,
-            bv.row_stride as isize,
-            0.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
 /// The whole GEMM + epilogue on the CPU.
-pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, mut pre: Option<&mut Tensor>) -> Result<()> {
+pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Result<()> {
     const OP: &str = "gemm(cpu)";
     let a = widened(host(OP, "a", p.a)?);
     let b = widened(host(OP, "b", p.b)?);
@@ -162,7 +116,7 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, mut pre: Option<&mut Tensor>) -
         expected: "cpu".into(),
         actual: "another device".into(),
     })?);
-    let pre_out = match pre.as_deref_mut() {
+    let pre_out = match pre {
         Some(t) => Some(OutPtr::new(t.cpu_mut().ok_or_else(|| {
             Error::DeviceMismatch {
                 op: OP,
@@ -176,15 +130,28 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, mut pre: Option<&mut Tensor>) -
     let (m, n) = (p.m, p.n);
     let mut acc = vec![0f32; m * n];
     for g in 0..p.batch {
-        if p.k == 0 {
-            acc.iter_mut().for_each(|v| *v = 0.0);
-        } else {
-            gemm_f32(m, n, p.k, &mut acc, &a, p.a_view, &b, p.b_view, g, p.alpha);
-        }
+        let (av, bv) = (p.a_view, p.b_view);
+        matmul_f32(
+            (m, n, p.k),
+            &mut acc,
+            n,
+            false,
+            (
+                &a[av.offset + g * av.batch_stride..],
+                av.row_stride,
+                av.col_stride,
+            ),
+            (
+                &b[bv.offset + g * bv.batch_stride..],
+                bv.row_stride,
+                bv.col_stride,
+            ),
+            true,
+        );
         let (cv, pv) = (p.c_view, p.pre_view);
         acc.par_chunks(n.max(1)).enumerate().for_each(|(i, row)| {
             let z_at = |j: usize| -> f32 {
-                let mut z = row[j];
+                let mut z = p.alpha * row[j];
                 if let Some((bias, bs)) = &bias {
                     z += bias[g * bs + j];
                 }

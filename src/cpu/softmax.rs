@@ -131,6 +131,7 @@ pub(crate) fn forward_stats(p: &Problem<'_>) -> (Vec<f32>, Vec<f32>) {
 /// G_ij = a_i·(P_ij − δ_j,t(i)) for one tile, in place over the dot products (returns the
 /// tile's contribution to ∂L/∂κ per row when asked).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn grad_tile(
     p: &Problem<'_>,
     a: &[f32],

@@ -40,14 +40,14 @@ pub struct LocalGroup;
 impl LocalGroup {
     /// `world` communicators, one per rank; hand each to its own thread. A collective that
     /// not every rank joins within 60 s fails with an error.
-    pub fn new(world: usize) -> Result<Vec<LocalComm>> {
-        Self::with_timeout(world, Duration::from_secs(60))
+    pub fn ranks(world: usize) -> Result<Vec<LocalComm>> {
+        Self::ranks_with_timeout(world, Duration::from_secs(60))
     }
 
-    /// As `new`, with the collective deadline given.
-    pub fn with_timeout(world: usize, timeout: Duration) -> Result<Vec<LocalComm>> {
+    /// As `ranks`, with the collective deadline given.
+    pub fn ranks_with_timeout(world: usize, timeout: Duration) -> Result<Vec<LocalComm>> {
         if world == 0 {
-            return Err(Error::invalid("LocalGroup::new", "world", "must be ≥ 1"));
+            return Err(Error::invalid("LocalGroup::ranks", "world", "must be ≥ 1"));
         }
         let shared = Arc::new(Shared {
             world,

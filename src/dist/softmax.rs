@@ -388,7 +388,13 @@ impl CrossDeviceSoftmax {
             let n = g.ids.len();
             let dc = self
                 .loss
-                .column_grads(&rows, &cols, &fwd.stats.lse, &a, &[0..n])?
+                .column_grads(
+                    &rows,
+                    &cols,
+                    &fwd.stats.lse,
+                    &a,
+                    std::slice::from_ref(&(0..n)),
+                )?
                 .pop()
                 .unwrap_or_default();
             // Owner-major order [V_0, X_0 | V_1, X_1 | …] so block r of the reduce-scatter is

@@ -352,7 +352,7 @@ impl InBatchSoftmax {
             Reduction::Sum => 1.0,
             Reduction::Mean => z.unwrap_or(weight_sum),
         };
-        if !(z > 0.0) && weight_sum > 0.0 {
+        if (z <= 0.0 || z.is_nan()) && weight_sum > 0.0 {
             return Err(Error::invalid(
                 OP,
                 "z",
@@ -420,7 +420,7 @@ impl InBatchSoftmax {
         let (_, n, d) = self.validate(rows, cols)?;
         let a = self.coeffs(rows, cols, fwd)?;
         let dc = self
-            .column_grads(rows, cols, &fwd.lse, &a, &[0..n])?
+            .column_grads(rows, cols, &fwd.lse, &a, std::slice::from_ref(&(0..n)))?
             .pop()
             .unwrap_or_default();
         Ok(SoftmaxGrads {
