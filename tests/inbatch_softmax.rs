@@ -156,16 +156,20 @@ fn run(
         valid: f.valid.then_some(p.valid.as_slice()),
         query_ids: f.qid.then_some(p.col_qid.as_slice()),
     };
-    let fwd = loss.forward(&rows, &cols, None).unwrap();
-    let g = loss.backward(&rows, &cols, &fwd).unwrap();
-    (
+    let fwd = loss.forward(&rows, &cols, None)?;
+    let g = loss.backward(&rows, &cols, &fwd)?;
+    Ok((
         fwd.loss,
-        g.dq.to_f64_vec().unwrap(),
-        g.dc.to_f64_vec().unwrap(),
+        g.dq.to_f64_vec()?,
+        g.dc.to_f64_vec()?,
         g.dkappa,
-        q.to_f64_vec().unwrap(),
-        c.to_f64_vec().unwrap(),
-    )
+        q.to_f64_vec()?,
+        c.to_f64_vec()?,
+    ))
+}
+
+fn run(p: &Problem, f: Features, loss: &InBatchSoftmax, dev: &Device, dtype: DType) -> RunOut {
+    try_run(p, f, loss, dev, dtype).unwrap()
 }
 
 #[test]
@@ -207,16 +211,13 @@ fn fused_matches_naive_reference_every_dtype() {
                     ..Default::default()
                 };
                 let what = format!("{} {dtype} b={b} n={n} d={d}", be.name);
-                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run(&p, f, &loss, &be.device, dtype)
-                }));
-                let (l, dq, dc, dk, qv, cv) = match res {
-                    Ok(v) => v,
-                    Err(_) if be.name != "cpu" => {
-                        eprintln!("[recfuse tests] inbatch_softmax on {}: not implemented on this backend yet (Error::Unsupported)", be.name);
-                        break;
-                    }
-                    Err(e) => std::panic::resume_unwind(e),
+                let mut out = None;
+                let res = try_run(&p, f, &loss, &be.device, dtype).map(|v| out = Some(v));
+                if !common::supported(&be, "inbatch_softmax", res) {
+                    break;
+                }
+                let Some((l, dq, dc, dk, qv, cv)) = out else {
+                    unreachable!()
                 };
                 let want = reference_of(&p, f, 4.0, &qv, &cv);
                 let tol = common::tolerance(DType::F32, d) * 10.0;

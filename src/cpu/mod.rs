@@ -1,6 +1,7 @@
 //! The CPU backend: `fast` is the blocked, multi-threaded path used when a tensor lives on the
 //! CPU; `reference` is the naive f64 oracle the tests compare every backend against.
 
+pub(crate) mod attention;
 pub(crate) mod fast;
 pub mod reference;
 pub(crate) mod softmax;

@@ -493,3 +493,183 @@ pub fn inbatch_softmax(p: &RefSoftmax<'_>) -> RefSoftmaxOut {
         dkappa,
     }
 }
+
+/// Shapes of one attention call: Q `[b, lq, h, dk]`, K `[b, l, h, dk]`, V `[b, l, h, dv]`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub lq: usize,
+    pub l: usize,
+    pub h: usize,
+    pub dk: usize,
+    pub dv: usize,
+}
+
+/// Softmax attention with an optional additive bias `[h, lq, l]` and key mask `[b, l]`:
+/// returns O `[b, lq, h, dv]` and LSE `[b, h, lq]` (−∞ and O = 0 for a row with no valid key).
+pub fn attention_forward(
+    d: AttnDims,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    bias: Option<&[f64]>,
+    mask: Option<&[bool]>,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let AttnDims {
+        b,
+        lq,
+        l,
+        h,
+        dk,
+        dv,
+    } = d;
+    let mut o = vec![0.0; b * lq * h * dv];
+    let mut lse = vec![f64::NEG_INFINITY; b * h * lq];
+    for bb in 0..b {
+        for hh in 0..h {
+            for i in 0..lq {
+                let s: Vec<Option<f64>> = (0..l)
+                    .map(|j| {
+                        if mask.is_some_and(|m| !m[bb * l + j]) {
+                            return None;
+                        }
+                        let dot: f64 = (0..dk)
+                            .map(|c| {
+                                q[((bb * lq + i) * h + hh) * dk + c]
+                                    * k[((bb * l + j) * h + hh) * dk + c]
+                            })
+                            .sum();
+                        Some(scale * dot + bias.map_or(0.0, |bi| bi[(hh * lq + i) * l + j]))
+                    })
+                    .collect();
+                let m = s.iter().flatten().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let z: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
+                lse[(bb * h + hh) * lq + i] = m + z.ln();
+                for j in 0..l {
+                    if let Some(sj) = s[j] {
+                        let p = (sj - m).exp() / z;
+                        for c in 0..dv {
+                            o[((bb * lq + i) * h + hh) * dv + c] +=
+                                p * v[((bb * l + j) * h + hh) * dv + c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (o, lse)
+}
+
+/// Gradients of `attention_forward` given dO: `(dq, dk, dv, dbias)`, by the plain softmax
+/// Jacobian (no LSE trick: an independent derivation from the kernels').
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    d: AttnDims,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    bias: Option<&[f64]>,
+    mask: Option<&[bool]>,
+    scale: f64,
+    d_o: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let AttnDims {
+        b,
+        lq,
+        l,
+        h,
+        dk,
+        dv,
+    } = d;
+    let mut dq = vec![0.0; q.len()];
+    let mut dkk = vec![0.0; k.len()];
+    let mut dvv = vec![0.0; v.len()];
+    let mut db = vec![0.0; h * lq * l];
+    for bb in 0..b {
+        for hh in 0..h {
+            for i in 0..lq {
+                let valid = |j: usize| mask.is_none_or(|m| m[bb * l + j]);
+                let s: Vec<f64> = (0..l)
+                    .map(|j| {
+                        let dot: f64 = (0..dk)
+                            .map(|c| {
+                                q[((bb * lq + i) * h + hh) * dk + c]
+                                    * k[((bb * l + j) * h + hh) * dk + c]
+                            })
+                            .sum();
+                        scale * dot + bias.map_or(0.0, |bi| bi[(hh * lq + i) * l + j])
+                    })
+                    .collect();
+                if !(0..l).any(valid) {
+                    continue;
+                }
+                let m = (0..l)
+                    .filter(|&j| valid(j))
+                    .map(|j| s[j])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = (0..l).filter(|&j| valid(j)).map(|j| (s[j] - m).exp()).sum();
+                let p: Vec<f64> = (0..l)
+                    .map(|j| if valid(j) { (s[j] - m).exp() / z } else { 0.0 })
+                    .collect();
+                let go = &d_o[((bb * lq + i) * h + hh) * dv..((bb * lq + i) * h + hh) * dv + dv];
+                // dP_j = ⟨dO, v_j⟩; dS_j = P_j (dP_j − Σ_k P_k dP_k).
+                let dp: Vec<f64> = (0..l)
+                    .map(|j| {
+                        (0..dv)
+                            .map(|c| go[c] * v[((bb * l + j) * h + hh) * dv + c])
+                            .sum()
+                    })
+                    .collect();
+                let pdp: f64 = (0..l).map(|j| p[j] * dp[j]).sum();
+                for j in 0..l {
+                    let ds = p[j] * (dp[j] - pdp);
+                    db[(hh * lq + i) * l + j] += ds;
+                    for c in 0..dv {
+                        dvv[((bb * l + j) * h + hh) * dv + c] += p[j] * go[c];
+                    }
+                    for c in 0..dk {
+                        dq[((bb * lq + i) * h + hh) * dk + c] +=
+                            scale * ds * k[((bb * l + j) * h + hh) * dk + c];
+                        dkk[((bb * l + j) * h + hh) * dk + c] +=
+                            scale * ds * q[((bb * lq + i) * h + hh) * dk + c];
+                    }
+                }
+            }
+        }
+    }
+    (dq, dkk, dvv, db)
+}
+
+/// `y = LN(x + r)·γ + β` per row of width d, with γ, β either shared `[d]` or per token
+/// `[tokens, d]` (row i uses token i mod tokens). Returns y.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    rows: usize,
+    d: usize,
+    x: &[f64],
+    r: Option<&[f64]>,
+    gamma: &[f64],
+    beta: &[f64],
+    tokens: usize,
+    eps: f64,
+) -> Vec<f64> {
+    let mut y = vec![0.0; rows * d];
+    for i in 0..rows {
+        let s: Vec<f64> = (0..d)
+            .map(|c| x[i * d + c] + r.map_or(0.0, |r| r[i * d + c]))
+            .collect();
+        let mean = s.iter().sum::<f64>() / d as f64;
+        let var = s.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let t = i % tokens.max(1);
+        let off = if gamma.len() == d { 0 } else { t * d };
+        for c in 0..d {
+            y[i * d + c] = (s[c] - mean) * rstd * gamma[off + c] + beta[off + c];
+        }
+    }
+    y
+}

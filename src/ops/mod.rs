@@ -1,6 +1,7 @@
 //! Public operations. Each op validates its arguments (typed errors naming the argument and the
 //! expected vs actual shape), then dispatches to the backend the tensors live on.
 
+pub mod attention;
 pub(crate) mod backend;
 pub mod fdo;
 pub mod gated_cross;

@@ -160,3 +160,25 @@ pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// For ops that do not exist on every backend yet: `Ok` runs the check's assertions; an
+/// `Error::Unsupported` on a non-CPU backend is reported loudly (and is a failure under
+/// `RECFUSE_REQUIRE=all-ops`); any other error fails the test.
+pub fn supported(be: &Backend, what: &str, res: recfuse::Result<()>) -> bool {
+    match res {
+        Ok(()) => true,
+        Err(recfuse::Error::Unsupported { op, what: why, .. }) if be.name != "cpu" => {
+            assert!(
+                !required("all-ops"),
+                "{what}: {op} unsupported on {}: {why}",
+                be.name
+            );
+            eprintln!(
+                "[recfuse tests] NOT RUN on {}: {what}: {op} is not implemented there yet ({why})",
+                be.name
+            );
+            false
+        }
+        Err(e) => panic!("{what} on {}: {e}", be.name),
+    }
+}
