@@ -133,15 +133,17 @@ fn reference_of(
     })
 }
 
-fn run(
+type RunOut = (f64, Vec<f64>, Vec<f64>, f32, Vec<f64>, Vec<f64>);
+
+fn try_run(
     p: &Problem,
     f: Features,
     loss: &InBatchSoftmax,
     dev: &Device,
     dtype: DType,
-) -> (f64, Vec<f64>, Vec<f64>, f32, Vec<f64>, Vec<f64>) {
-    let q = Tensor::from_f32(&p.q, &[p.b, p.d], dtype, dev).unwrap();
-    let c = Tensor::from_f32(&p.c, &[p.n, p.d], dtype, dev).unwrap();
+) -> recfuse::Result<RunOut> {
+    let q = Tensor::from_f32(&p.q, &[p.b, p.d], dtype, dev)?;
+    let c = Tensor::from_f32(&p.c, &[p.n, p.d], dtype, dev)?;
     let rows = Rows {
         queries: &q,
         target: &p.target,
