@@ -3,5 +3,6 @@
 
 pub(crate) mod attention;
 pub(crate) mod fast;
+pub(crate) mod layernorm;
 pub mod reference;
 pub(crate) mod softmax;

@@ -7,6 +7,7 @@ pub mod fdo;
 pub mod gated_cross;
 pub(crate) mod gemm;
 pub mod inbatch_softmax;
+pub mod layernorm;
 pub mod linear;
 
 pub use gemm::Activation;
