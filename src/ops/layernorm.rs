@@ -128,12 +128,11 @@ impl LayerNorm {
                 .for_each(|(a, b)| *a += b);
         }
         let input = Tensor::from_f32(&sum, x.shape(), x.dtype(), &dev)?;
-        let (y, _, mean, rstd) = crate::cpu::layernorm::forward(
+        let (y, mean, rstd) = crate::cpu::layernorm::forward(
             d,
             tokens,
             self.eps,
             &input.to_f32_vec()?,
-            None,
             &gamma.to_f32_vec()?,
             &beta.to_f32_vec()?,
         );
