@@ -153,7 +153,7 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Re
             let z_at = |j: usize| -> f32 {
                 let mut z = p.alpha * row[j];
                 if let Some((bias, bs)) = &bias {
-                    z += bias[g * bs + j];
+                    z += bias[p.bias_offset + g * bs + j];
                 }
                 z
             };

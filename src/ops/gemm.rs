@@ -5,7 +5,7 @@
 //! ```text
 //! for g in 0..batch, i in 0..m, j in 0..n:
 //!     acc  = alpha · Σ_k A(g,i,k) · B(g,k,j)                    (f32 accumulation)
-//!     z    = acc + bias(g,j)                                     (if bias)
+//!     z    = acc + bias[bias_offset + g·bias_stride + j]         (if bias)
 //!     pre(g,i,j) = z                                             (if a pre-activation output)
 //!     y    = act(z) · mul(g,i,j) + residual(g,i,j) + [accumulate] C(g,i,j)
 //!     C(g,i,j) = y                                               (rounded to C's dtype)
@@ -118,8 +118,10 @@ pub(crate) struct Gemm<'a> {
     pub a_view: MatView,
     pub b: &'a Tensor,
     pub b_view: MatView,
-    /// Bias indexed `bias[g·bias_batch_stride + j]`.
+    /// Bias indexed `bias[bias_offset + g·bias_batch_stride + j]`.
     pub bias: Option<(&'a Tensor, usize)>,
+    /// Element offset of the bias (a run of weight sets that starts past set 0).
+    pub bias_offset: usize,
     pub act: Activation,
     /// Elementwise multiplier applied after the activation, laid out like C.
     pub mul: Option<&'a Tensor>,
@@ -164,6 +166,7 @@ impl<'a> Gemm<'a> {
             b,
             b_view,
             bias: None,
+            bias_offset: 0,
             act: Activation::None,
             mul: None,
             residual: None,
@@ -225,7 +228,7 @@ impl<'a> Gemm<'a> {
             fits("pre", p, &self.pre_view, self.m, self.n)?;
         }
         if let Some((bias, bs)) = self.bias {
-            let bv = MatView::new(0, 0, 1, bs);
+            let bv = MatView::new(self.bias_offset, 0, 1, bs);
             fits("bias", bias, &bv, 1, self.n)?;
         }
         Ok(())

@@ -5,9 +5,11 @@ pub mod attention;
 pub(crate) mod backend;
 pub mod fdo;
 pub mod gated_cross;
+pub mod hiformer;
 pub(crate) mod gemm;
 pub mod inbatch_softmax;
 pub mod layernorm;
 pub mod linear;
+pub mod lowrank_qkv;
 
 pub use gemm::Activation;

@@ -214,11 +214,11 @@ pub(crate) fn gemm(
     pre: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "gemm(wgpu)";
-    if p.mul.is_some() || p.gated || p.pre_view != p.c_view {
+    if p.mul.is_some() || p.gated || p.pre_view != p.c_view || p.bias_offset != 0 {
         return Err(Error::Unsupported {
             op: OP,
             backend: "wgpu",
-            what: "the multiplier and gated (GDCN) epilogues are not in this kernel yet".into(),
+            what: "the multiplier, gated (GDCN) and bias-offset epilogues are not in this kernel yet".into(),
         });
     }
     let c: &Tensor = c;
