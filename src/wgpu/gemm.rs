@@ -1,9 +1,10 @@
-//! Launchers for the GEMM core (`kernels/wgsl/gemm.wgsl`) and the passes around it
-//! (`kernels/wgsl/elementwise.wgsl`): argument checks, u32 packing of views, variant selection.
+//! Launchers for the GEMM core (`kernels/wgsl/gemm.wgsl`), the passes around it
+//! (`kernels/wgsl/elementwise.wgsl`) and the cross layers' elementwise backward
+//! (`kernels/wgsl/gated_cross.wgsl`): argument checks, u32 packing of views, variant selection.
 
 use std::sync::Arc;
 
-use super::pipelines::{Binding, Kernel, Launch, ELEMENTWISE_WGSL, GEMM_WGSL};
+use super::pipelines::{Binding, Kernel, Launch, ELEMENTWISE_WGSL, GATED_CROSS_WGSL, GEMM_WGSL};
 use super::{WgpuDevice, WgpuStorage, BACKEND};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -42,6 +43,17 @@ const COL_SUM: Kernel = Kernel {
     entry: "col_sum_main",
     bindings: &[U, R, RW],
 };
+const GATE_BACKWARD: Kernel = Kernel {
+    shader: GATED_CROSS_WGSL,
+    entry: "gate_backward_main",
+    bindings: &[U, R, R, R, RW, RW],
+};
+const ADD: Kernel = Kernel {
+    shader: GATED_CROSS_WGSL,
+    entry: "add_main",
+    bindings: &[U, R, R, RW],
+};
+
 fn dtype_code(d: DType) -> f64 {
     match d {
         DType::F32 => 0.0,
@@ -481,33 +493,138 @@ pub(crate) fn col_sum(
     d.run(&[launch])
 }
 
-pub(crate) fn gate_backward(
-    _d: &Arc<super::WgpuDevice>,
-    _g: &Tensor,
-    _c0: &Tensor,
-    _pre: &Tensor,
-    _gated: bool,
-    _delta: &mut Tensor,
-    _dx0: &mut Tensor,
-) -> Result<()> {
-    Err(Error::Unsupported {
-        op: "gate_backward",
-        backend: "wgpu",
-        what: "not yet implemented".into(),
-    })
+/// Words of a tensor of `numel` elements of dtype `dt` (two 16-bit elements per word).
+fn words(dt: DType, numel: usize) -> usize {
+    if dt == DType::F32 {
+        numel
+    } else {
+        numel.div_ceil(2)
+    }
 }
 
-pub(crate) fn add(
-    _d: &Arc<super::WgpuDevice>,
-    _a: &Tensor,
-    _b: Option<&Tensor>,
-    _out: &mut Tensor,
+/// Checks that `t` has `want` elements.
+fn numel_is(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor,
+    want: usize,
+    like: &str,
 ) -> Result<()> {
-    Err(Error::Unsupported {
-        op: "add",
-        backend: "wgpu",
-        what: "not yet implemented".into(),
-    })
+    if t.numel() != want {
+        return Err(Error::shape(
+            op,
+            arg,
+            format!("{want} elements ({like})"),
+            t.shape(),
+        ));
+    }
+    Ok(())
+}
+
+/// The cross layers' elementwise backward (see `ops::backend::gate_backward`): one
+/// `gate_backward_main` dispatch, one thread per pair of `[rows, D]` elements.
+pub(crate) fn gate_backward(
+    d: &Arc<WgpuDevice>,
+    gbar: &Tensor,
+    c0: &Tensor,
+    pre: &Tensor,
+    gated: bool,
+    delta: &mut Tensor,
+    dx0: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "gate_backward(wgpu)";
+    let numel = gbar.numel();
+    let p_numel = if gated {
+        numel
+            .checked_mul(2)
+            .ok_or_else(|| Error::invalid(OP, "pre", "2·numel overflows usize"))?
+    } else {
+        numel
+    };
+    numel_is(OP, "c0", c0, numel, "like gbar")?;
+    numel_is(OP, "dx0", dx0, numel, "like gbar")?;
+    let like = if gated { "twice gbar" } else { "like gbar" };
+    numel_is(OP, "pre", pre, p_numel, like)?;
+    numel_is(OP, "delta", delta, p_numel, like)?;
+    fits_index(OP, "pre", p_numel)?;
+    let g_s = storage(OP, "gbar", d, gbar)?;
+    let c0_s = storage(OP, "c0", d, c0)?;
+    let pre_s = storage(OP, "pre", d, pre)?;
+    let delta_s = storage(OP, "delta", d, delta)?;
+    let dx0_s = storage(OP, "dx0", d, dx0)?;
+    let pairs = numel.div_ceil(2);
+    let launch = Launch {
+        kernel: GATE_BACKWARD,
+        constants: vec![
+            ("DT_G", dtype_code(gbar.dtype())),
+            ("DT_C0", dtype_code(c0.dtype())),
+            ("DT_PRE", dtype_code(pre.dtype())),
+            ("DT_DELTA", dtype_code(delta.dtype())),
+            ("DT_DX0", dtype_code(dx0.dtype())),
+            ("GATED", flag(gated)),
+        ],
+        uniform: vec![
+            to_u32(OP, "gbar", "elements", numel)?,
+            to_u32(OP, "gbar", "pairs", pairs)?,
+        ],
+        buffers: vec![
+            &g_s.buffer,
+            &c0_s.buffer,
+            &pre_s.buffer,
+            &delta_s.buffer,
+            &dx0_s.buffer,
+        ],
+        grid: [(pairs as u64).div_ceil(u64::from(EW_THREADS)), 1, 1],
+        workgroup: [EW_THREADS, 1, 1],
+        workgroup_bytes: 0,
+    };
+    d.run(&[launch])
+}
+
+/// out = a (+ b) elementwise, converting dtypes (also a cast): one `add_main` dispatch, one
+/// thread per output word.
+pub(crate) fn add(
+    d: &Arc<WgpuDevice>,
+    a: &Tensor,
+    b: Option<&Tensor>,
+    out: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "add(wgpu)";
+    let numel = a.numel();
+    fits_index(OP, "a", numel)?;
+    numel_is(OP, "out", out, numel, "like a")?;
+    if let Some(b) = b {
+        numel_is(OP, "b", b, numel, "like a")?;
+    }
+    let a_s = storage(OP, "a", d, a)?;
+    let b_s = match b {
+        Some(t) => Some(storage(OP, "b", d, t)?),
+        None => None,
+    };
+    let out_s = storage(OP, "out", d, out)?;
+    let nwords = words(out.dtype(), numel);
+    let launch = Launch {
+        kernel: ADD,
+        constants: vec![
+            ("DT_A", dtype_code(a.dtype())),
+            ("DT_B", dtype_code(b.map_or(DType::F32, |t| t.dtype()))),
+            ("DT_DST", dtype_code(out.dtype())),
+            ("HAS_B", flag(b.is_some())),
+        ],
+        uniform: vec![
+            to_u32(OP, "a", "elements", numel)?,
+            to_u32(OP, "out", "words", nwords)?,
+        ],
+        buffers: vec![
+            &a_s.buffer,
+            b_s.map_or(&d.dummy_ro, |s| &s.buffer),
+            &out_s.buffer,
+        ],
+        grid: [(nwords as u64).div_ceil(u64::from(EW_THREADS)), 1, 1],
+        workgroup: [EW_THREADS, 1, 1],
+        workgroup_bytes: 0,
+    };
+    d.run(&[launch])
 }
 
 #[cfg(test)]
@@ -515,7 +632,8 @@ mod tests {
     //! The seam itself on views the `linear` op never produces: strided and transposed C,
     //! elements of C outside the view (must be left untouched), alpha ≠ 1, k = 0, accumulate,
     //! a pre of another dtype than C, the multiplier and the gated pair epilogue with a pre view
-    //! of its own. The CPU backend runs the same `Gemm` as the oracle.
+    //! of its own, and the elementwise cross-layer backward and add. The CPU backend runs the
+    //! same calls as the oracle.
     use super::*;
     use crate::device::{Device, WgpuOptions};
     use crate::ops::backend;
@@ -748,6 +866,58 @@ mod tests {
                 ..gated
             };
             check(&dev, &gated_plain, 10 * i as u64 + 15).expect("gated, no pre");
+        }
+    }
+
+    #[test]
+    fn gate_backward_and_add_match_the_cpu_bitwise() {
+        let Some(dev) = device() else { return };
+        // Odd element counts: the last 16-bit word of dX0 (and of a DCN-V2 Δ) is half outside.
+        let (rows, dd) = (7, 13);
+        let nn = rows * dd;
+        for (i, &dt) in DType::ALL.iter().enumerate() {
+            let other = DType::ALL[(i + 1) % 3];
+            for gated in [true, false] {
+                let np = if gated { 2 * nn } else { nn };
+                let (gv, cv, pv) = (values(nn, 1), values(nn, 2), values(np, 3));
+                let (dv, xv) = (values(np, 4), values(nn, 5));
+                let mut outs = Vec::new();
+                for d in [&dev, &Device::Cpu] {
+                    let g = Tensor::from_f32(&gv, &[rows, dd], DType::F32, d).unwrap();
+                    let c0 = Tensor::from_f32(&cv, &[rows, dd], dt, d).unwrap();
+                    let pre = Tensor::from_f32(&pv, &[np], other, d).unwrap();
+                    let mut delta = Tensor::from_f32(&dv, &[np], dt, d).unwrap();
+                    let mut dx0 = Tensor::from_f32(&xv, &[nn], other, d).unwrap();
+                    backend::gate_backward(d, &g, &c0, &pre, gated, &mut delta, &mut dx0).unwrap();
+                    let mut sum = Tensor::from_f32(&xv, &[nn], dt, d).unwrap();
+                    backend::add(d, &dx0, Some(&c0), &mut sum).unwrap();
+                    let mut cast = Tensor::from_f32(&xv, &[nn], other, d).unwrap();
+                    backend::add(d, &g, None, &mut cast).unwrap();
+                    outs.push([delta, dx0, sum, cast].map(|t| t.to_f32_vec().unwrap()));
+                }
+                // σ uses the device's exp: a few f32 ulps, which a 16-bit rounding may turn into
+                // one 16-bit ulp. The sum and the cast are exact f32 operations: bitwise.
+                let rel = |t: DType| match t {
+                    DType::F32 => 1e-5,
+                    DType::BF16 => 1e-2,
+                    DType::F16 => 2e-3,
+                };
+                let checks = [
+                    ("delta", rel(dt)),
+                    ("dx0", rel(other)),
+                    ("sum", 0.0),
+                    ("cast", 0.0),
+                ];
+                for ((name, r), (got, want)) in checks.iter().zip(outs[0].iter().zip(&outs[1])) {
+                    for (e, (&a, &b)) in got.iter().zip(want).enumerate() {
+                        let tol = r * b.abs().max(1e-3);
+                        assert!(
+                            (a - b).abs() <= tol,
+                            "{dt} gated={gated} {name}[{e}]: wgpu {a}, cpu {b}"
+                        );
+                    }
+                }
+            }
         }
     }
 
