@@ -5,23 +5,34 @@
 //     acc = Σ_k A(g,i,k)·B(g,k,j)        f32 accumulation, k in increasing order per element
 //     z   = alpha·acc + bias(g,j)         [HAS_BIAS]
 //     pre(g,i,j) = z                      [HAS_PRE]
-//     y   = act(z) + residual(g,i,j) + C_old(g,i,j)      [HAS_RES] [ACCUMULATE]
+//   plain (GATED = false), for j < n:
+//     y   = act(z(j))·mul(g,i,j) + residual(g,i,j) + C_old(g,i,j)
+//                                                 [HAS_MUL] [HAS_RES] [ACCUMULATE]
+//   gated (GATED = true, the GDCN pair epilogue; ACT = none, n even), for j < n/2:
+//     y   = mul(g,i,j)·z(2j)·σ(z(2j+1)) + residual(g,i,j) + C_old(g,i,j)
+//     (columns 2j, 2j+1 are the interleaved (cross, gate) pair; only n/2 outputs exist)
 //     C(g,i,j) = y
+//   Order of the f32 operations, as on the CPU: y = f(z); y = y·mul; y = y + residual;
+//   y = y + C_old.
 // X(g,i,j) lives at element off + g·bs + i·rs + j·cs of its buffer (a `MatView`); all offsets
 // and strides are u32 in the uniform `P` (the host rejects anything larger, and every in-bounds
 // index is < 2^31). Strides let one kernel serve x·Wᵀ, dZ·W and dZᵀ·X with no transposes.
+// C, mul and residual share C's view (c_*, n/2 columns when gated); pre has its own (n columns).
 //
-// Outputs are always written as f32 words, at the "out" view (o_*): for an f32 C (and f32 or
-// absent pre) that is C's own view in C's own buffer; for a 16-bit C or pre the host binds f32
-// scratch buffers with a compact [batch, m, n] view instead and a second pass
-// (elementwise.wgsl: pack_main) rounds them into the 16-bit tensor one whole u32 word per
-// thread (two threads must never read-modify-write the same word), adding C_old there when
-// accumulating. ACCUMULATE is therefore only ever set here for an f32 C read in place.
+// Outputs are always written as f32 words, C at the "out" view (o_*) and pre at the "pre out"
+// view (q_*): for an f32 C (or pre) that is its own view in its own buffer; for a 16-bit C or
+// pre the host binds an f32 scratch buffer with a compact [batch, m, n_out] view instead
+// (n_out = n/2 for a gated C, else n) and a second pass (elementwise.wgsl: pack_main) rounds
+// it into the 16-bit tensor one whole u32 word per thread (two threads must never
+// read-modify-write the same word), adding C_old there when accumulating. ACCUMULATE is
+// therefore only ever set here for an f32 C read in place.
 //
 // Launch geometry (mirrored by kernels/cuda/gemm.cu):
 //   workgroup = WG_X × WG_Y = 16 × 16 = 256 threads; it owns a BM × BN = 64 × 64 tile of C;
 //   thread (tx, ty) = local_invocation_id.xy owns rows ty·4 .. ty·4+3 and cols tx·4 .. tx·4+3
-//   of the tile (a 4 × 4 micro-tile, four vec4 accumulators).
+//   of the tile (a 4 × 4 micro-tile, four vec4 accumulators). The column block starts at a
+//   multiple of 4, so with GATED a thread holds whole (cross, gate) pairs: columns (0,1) and
+//   (2,3) of its micro-tile, i.e. outputs tx·2 and tx·2+1 of the tile's 32 gated outputs.
 //   grid = (tiles_n, tiles_m, batch) = (⌈n/64⌉, ⌈m/64⌉, batch), i.e. workgroup_id.z = g; when a
 //   dimension exceeds maxComputeWorkgroupsPerDimension the host folds the same linear order
 //   (x fastest) into a bigger grid and the surplus workgroups return at once.
@@ -34,15 +45,16 @@
 //   Edges (m, n, k not multiples of the tile) are zero-filled on load and masked on store.
 //
 // Variants (pipeline-overridable constants, one pipeline each, cached by the host):
-//   DT_A, DT_B, DT_BIAS, DT_RES  storage dtype codes (0 f32, 1 bf16, 2 f16) of the inputs
+//   DT_A, DT_B, DT_BIAS, DT_RES, DT_MUL  storage dtype codes (0 f32, 1 bf16, 2 f16) of inputs
 //   ACT                          0 none, 1 relu, 2 gelu (erf form), 3 sigmoid
-//   HAS_BIAS, HAS_RES, HAS_PRE, ACCUMULATE
+//   HAS_BIAS, HAS_RES, HAS_MUL, HAS_PRE, ACCUMULATE, GATED
 //   WG_X, WG_Y, BK               tile geometry (BM = 4·WG_Y, BN = 4·WG_X); the host always
 //                                passes 16, 16, 16 and checks the derived workgroup size and
 //                                memory against the device limits before dispatching.
 //
 // Memory traffic, per batch entry (s = bytes per element):
-//   minimum:  (m·k + k·n + m·n)·s, plus m·n·s more for pre, residual or an accumulated C;
+//   minimum:  (m·k + k·n + m·n_out)·s, plus m·n_out·s more for each of residual, mul and an
+//   accumulated C, and m·n·s for pre;
 //   this kernel: every workgroup reads its 64-row strip of A and 64-col strip of B once, so
 //   global reads are m·n·k·(1/64 + 1/64)·s = m·n·k·s/32 (a naive kernel reads 2·m·n·k·s).
 //   FLOPs 2·m·n·k; per k step a workgroup does 2·64·64·16 = 131072 FLOPs on 2·64·16 = 2048
@@ -64,8 +76,11 @@ override DT_RES: u32 = 0u;
 override ACT: u32 = 0u;
 override HAS_BIAS: bool = false;
 override HAS_RES: bool = false;
+override DT_MUL: u32 = 0u;
+override HAS_MUL: bool = false;
 override HAS_PRE: bool = false;
 override ACCUMULATE: bool = false;
+override GATED: bool = false;
 
 const PAD: u32 = 4u;
 
@@ -73,10 +88,12 @@ struct GemmParams {
     m: u32, n: u32, k: u32, batch: u32,
     a_off: u32, a_rs: u32, a_cs: u32, a_bs: u32,
     b_off: u32, b_rs: u32, b_cs: u32, b_bs: u32,
-    // C's own view: residual reads, and the in-place f32 output when o_* equals it.
+    // C's own view: residual and mul reads.
     c_off: u32, c_rs: u32, c_cs: u32, c_bs: u32,
-    // Where C and pre are written (C's view, or compact [batch, m, n] scratch).
+    // Where C is written (C's view, or compact [batch, m, n_out] scratch).
     o_off: u32, o_rs: u32, o_cs: u32, o_bs: u32,
+    // Where pre is written (pre's view, or compact [batch, m, n] scratch).
+    q_off: u32, q_rs: u32, q_cs: u32, q_bs: u32,
     bias_bs: u32, alpha_bits: u32, tiles_n: u32, tiles_m: u32,
 }
 
@@ -85,8 +102,9 @@ struct GemmParams {
 @group(0) @binding(2) var<storage, read> b_buf: array<u32>;
 @group(0) @binding(3) var<storage, read> bias_buf: array<u32>;
 @group(0) @binding(4) var<storage, read> res_buf: array<u32>;
-@group(0) @binding(5) var<storage, read_write> c_out: array<u32>;
-@group(0) @binding(6) var<storage, read_write> pre_out: array<u32>;
+@group(0) @binding(5) var<storage, read> mul_buf: array<u32>;
+@group(0) @binding(6) var<storage, read_write> c_out: array<u32>;
+@group(0) @binding(7) var<storage, read_write> pre_out: array<u32>;
 
 var<workgroup> As: array<f32, AS_LEN>;
 var<workgroup> Bs: array<f32, BS_LEN>;
@@ -105,6 +123,39 @@ fn load_bias(e: u32) -> f32 {
 
 fn load_res(e: u32) -> f32 {
     return decode(res_buf[word_of(e, DT_RES)], e, DT_RES);
+}
+
+fn load_mul(e: u32) -> f32 {
+    return decode(mul_buf[word_of(e, DT_MUL)], e, DT_MUL);
+}
+
+// z = alpha·acc + bias of GEMM column gn, written to pre when requested.
+fn pre_activation(acc: f32, alpha: f32, g: u32, gm: u32, gn: u32) -> f32 {
+    var z = alpha * acc;
+    if (HAS_BIAS) {
+        z += load_bias(g * P.bias_bs + gn);
+    }
+    if (HAS_PRE) {
+        pre_out[P.q_off + g * P.q_bs + gm * P.q_rs + gn * P.q_cs] = bitcast<u32>(z);
+    }
+    return z;
+}
+
+// The shared tail: y·mul + residual + C_old, stored to output column j.
+fn finish(y0: f32, g: u32, gm: u32, j: u32) {
+    var y = y0;
+    let ci = P.c_off + g * P.c_bs + gm * P.c_rs + j * P.c_cs;
+    if (HAS_MUL) {
+        y *= load_mul(ci);
+    }
+    if (HAS_RES) {
+        y += load_res(ci);
+    }
+    let oi = P.o_off + g * P.o_bs + gm * P.o_rs + j * P.o_cs;
+    if (ACCUMULATE) {
+        y += bitcast<f32>(c_out[oi]);
+    }
+    c_out[oi] = bitcast<u32>(y);
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -192,27 +243,26 @@ fn gemm_main(
         if (gm >= P.m) {
             break;
         }
-        for (var j = 0u; j < 4u; j++) {
-            let gn = col0 + tx * 4u + j;
-            if (gn >= P.n) {
-                break;
+        if (GATED) {
+            // Pairs (0, 1) and (2, 3) of the micro-tile; n is even, so gn < n implies gn+1 < n.
+            for (var j = 0u; j < 4u; j += 2u) {
+                let gn = col0 + tx * 4u + j;
+                if (gn >= P.n) {
+                    break;
+                }
+                let zc = pre_activation(acc[i][j], alpha, g, gm, gn);
+                let zg = pre_activation(acc[i][j + 1u], alpha, g, gm, gn + 1u);
+                finish(zc * act_fwd(ACT_SIGMOID, zg), g, gm, gn / 2u);
             }
-            var z = alpha * acc[i][j];
-            if (HAS_BIAS) {
-                z += load_bias(g * P.bias_bs + gn);
+        } else {
+            for (var j = 0u; j < 4u; j++) {
+                let gn = col0 + tx * 4u + j;
+                if (gn >= P.n) {
+                    break;
+                }
+                let z = pre_activation(acc[i][j], alpha, g, gm, gn);
+                finish(act_fwd(ACT, z), g, gm, gn);
             }
-            let oi = P.o_off + g * P.o_bs + gm * P.o_rs + gn * P.o_cs;
-            if (HAS_PRE) {
-                pre_out[oi] = bitcast<u32>(z);
-            }
-            var y = act_fwd(ACT, z);
-            if (HAS_RES) {
-                y += load_res(P.c_off + g * P.c_bs + gm * P.c_rs + gn * P.c_cs);
-            }
-            if (ACCUMULATE) {
-                y += bitcast<f32>(c_out[oi]);
-            }
-            c_out[oi] = bitcast<u32>(y);
         }
     }
 }

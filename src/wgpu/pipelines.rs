@@ -33,6 +33,11 @@ pub(crate) const ELEMENTWISE_WGSL: Shader = Shader {
     source: include_str!("../../kernels/wgsl/elementwise.wgsl"),
 };
 
+pub(crate) const GATED_CROSS_WGSL: Shader = Shader {
+    name: "gated_cross.wgsl",
+    source: include_str!("../../kernels/wgsl/gated_cross.wgsl"),
+};
+
 /// How a binding is declared in WGSL; binding i of a kernel is `bindings[i]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Binding {
