@@ -119,6 +119,7 @@ pub(crate) struct GemmParams {
     bias: u64,
     residual: u64,
     pre: u64,
+    mul: u64,
     m: u32,
     n: u32,
     k: u32,
@@ -126,6 +127,7 @@ pub(crate) struct GemmParams {
     a_view: [u32; 4],
     b_view: [u32; 4],
     c_view: [u32; 4],
+    pre_view: [u32; 4],
     bias_bs: u32,
     alpha: f32,
     act: u32,
@@ -134,14 +136,26 @@ pub(crate) struct GemmParams {
     bias_dt: u32,
     res_dt: u32,
     pre_dt: u32,
+    mul_dt: u32,
+    pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<GemmParams>() == 144);
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 176);
+// Offsets of the fields added with the mul/gated epilogue, as the CUDA struct's natural
+// layout puts them (a size check alone would not catch two swapped fields; NVRTC has no
+// offsetof, so only this side can assert them).
+const _: () = assert!(std::mem::offset_of!(GemmParams, mul) == 48);
+const _: () = assert!(std::mem::offset_of!(GemmParams, pre_view) == 120);
+const _: () = assert!(std::mem::offset_of!(GemmParams, flags) == 148);
+const _: () = assert!(std::mem::offset_of!(GemmParams, mul_dt) == 168);
 
-// SAFETY: #[repr(C)], only integers and f32, no padding (144 bytes = 6·8 + 24·4, asserted
-// above and by a static_assert in gemm.cu), laid out exactly like the CUDA struct.
+// SAFETY: #[repr(C)], only integers and f32, no implicit padding (176 bytes = 7·8 + 30·4 with
+// the explicit `pad`, asserted above and by a static_assert in gemm.cu), laid out exactly like
+// the CUDA struct.
 unsafe impl DeviceRepr for GemmParams {}
 
 const GEMM_FLAG_ACCUMULATE: u32 = 1;
+/// The GDCN pair epilogue (`Gemm::gated`).
+const GEMM_FLAG_GATED: u32 = 2;
 
 /// A compiled form of gemm.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,13 +226,6 @@ pub(crate) fn gemm(
     pre: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "gemm(cuda)";
-    if p.mul.is_some() || p.gated || p.pre_view != p.c_view {
-        return Err(Error::Unsupported {
-            op: OP,
-            backend: "cuda",
-            what: "the multiplier and gated (GDCN) epilogues are not in this kernel yet".into(),
-        });
-    }
     if p.m == 0 || p.n == 0 || p.batch == 0 {
         return Ok(());
     }
@@ -248,6 +255,19 @@ pub(crate) fn gemm(
         Some(t) => Some((storage(OP, "residual", d, t)?, t.dtype())),
         None => None,
     };
+    let mul = match p.mul {
+        Some(t) => Some((storage(OP, "mul", d, t)?, t.dtype())),
+        None => None,
+    };
+    // Outputs per row: the gated epilogue folds each (cross, gate) column pair into one.
+    let out_n = if p.gated { p.n / 2 } else { p.n };
+    let mut flags = 0;
+    if p.accumulate {
+        flags |= GEMM_FLAG_ACCUMULATE;
+    }
+    if p.gated {
+        flags |= GEMM_FLAG_GATED;
+    }
     let c_dtype = c.dtype();
     let pre_dtype = pre.as_ref().map(|t| t.dtype());
 
@@ -258,22 +278,24 @@ pub(crate) fn gemm(
         batch: u32_of(OP, "batch", "batch", p.batch)?,
         a_view: view32(OP, "a", &p.a_view, p.batch, p.m, p.k)?,
         b_view: view32(OP, "b", &p.b_view, p.batch, p.k, p.n)?,
-        c_view: view32(OP, "c", &p.c_view, p.batch, p.m, p.n)?,
+        c_view: view32(OP, "c", &p.c_view, p.batch, p.m, out_n)?,
+        pre_view: if pre.is_some() {
+            view32(OP, "pre", &p.pre_view, p.batch, p.m, p.n)?
+        } else {
+            [0; 4]
+        },
         bias_bs: match bias {
             Some((_, _, bs)) => stride_of(OP, "bias", bs, p.batch)?,
             None => 0,
         },
         alpha: p.alpha,
         act: p.act.id(),
-        flags: if p.accumulate {
-            GEMM_FLAG_ACCUMULATE
-        } else {
-            0
-        },
+        flags,
         c_dt: dt_code(c_dtype),
         bias_dt: bias.map(|(_, dt, _)| dt_code(dt)).unwrap_or(0),
         res_dt: residual.map(|(_, dt)| dt_code(dt)).unwrap_or(0),
         pre_dt: pre_dtype.map(dt_code).unwrap_or(0),
+        mul_dt: mul.map(|(_, dt)| dt_code(dt)).unwrap_or(0),
         ..Default::default()
     };
 
@@ -293,6 +315,11 @@ pub(crate) fn gemm(
         params.residual = p;
         g
     });
+    let _gmul = mul.map(|(s, _)| {
+        let (p, g) = ptr(s, &stream);
+        params.mul = p;
+        g
+    });
     let _gpre = match pre {
         Some(t) => {
             let s = storage_mut(OP, "pre", d, t)?;
@@ -309,7 +336,8 @@ pub(crate) fn gemm(
     // SAFETY: `params` mirrors gemm.cu's GemmParams (size asserted on both sides). Every
     // address is a live allocation on this device, borrowed until this function returns and
     // freed only in stream order after the kernel. `p.check` proved every view's extent fits
-    // its tensor and every tensor has ≤ 2^31 − 1 elements, so each index the kernel forms for
+    // its tensor (C, mul and residual over n/2 columns when gated, pre over n) and every tensor
+    // has ≤ 2^31 − 1 elements, and that a gated n is even, so each index the kernel forms for
     // an in-range (g, i, j, k) is in bounds and exact in 32-bit arithmetic.
     unsafe {
         launch::launch(
