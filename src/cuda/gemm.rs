@@ -1,5 +1,6 @@
-//! Launchers for the GEMM core (`kernels/cuda/gemm.cu`) and its backward helpers
-//! (`kernels/cuda/gemm_aux.cu`). Each one re-validates what its kernel's index arithmetic
+//! Launchers for the GEMM core (`kernels/cuda/gemm.cu`), its backward helpers
+//! (`kernels/cuda/gemm_aux.cu`) and the element-wise half of the cross-layer backward
+//! (`kernels/cuda/gated_cross.cu`). Each one re-validates what its kernel's index arithmetic
 //! relies on, converts sizes to the kernel's 32-bit fields with checked conversions, picks the
 //! variant, and launches through `launch::launch`.
 
@@ -597,6 +598,205 @@ pub(crate) fn col_sum(
     Ok(())
 }
 
+/// Grid-stride geometry for the element-wise kernels: 256 threads per block, enough blocks to
+/// fill the device several times over. The grid stride stays far below 2^31, so a kernel's
+/// `k += stride` over k < n ≤ 2^31 − 1 cannot wrap.
+fn elementwise_geometry(d: &CudaDevice, kernel: &str, n: usize) -> Result<Geometry> {
+    Ok(Geometry {
+        grid: (
+            blocks_for(kernel, "n", n, 256)?.min(d.limits.sm_count.max(1) * 32),
+            1,
+            1,
+        ),
+        block: (256, 1, 1),
+        dyn_smem: 0,
+    })
+}
+
+/// Mirrors `struct GateBackwardParams` in kernels/cuda/gated_cross.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GateBackwardParams {
+    gbar: u64,
+    c0: u64,
+    pre: u64,
+    delta: u64,
+    dx0: u64,
+    n: u32,
+    gated: u32,
+    gbar_dt: u32,
+    c0_dt: u32,
+    pre_dt: u32,
+    delta_dt: u32,
+    dx0_dt: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<GateBackwardParams>() == 72);
+// SAFETY: #[repr(C)], integers only, no implicit padding (explicit `pad`), same layout as the
+// CUDA struct (size asserted on both sides).
+unsafe impl DeviceRepr for GateBackwardParams {}
+
+/// See `ops::backend::gate_backward`: `gbar`, `c0`, `dx0` hold rows·D elements, `pre` and
+/// `delta` P·rows (P = 2D gated, else D); `dx0` is accumulated.
+pub(crate) fn gate_backward(
+    d: &Arc<CudaDevice>,
+    gbar: &Tensor,
+    c0: &Tensor,
+    pre: &Tensor,
+    gated: bool,
+    delta: &mut Tensor,
+    dx0: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "gate_backward(cuda)";
+    const KERNEL: &str = "gate_backward";
+    let n = gbar.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let pairs = if gated { 2 } else { 1 };
+    // Every index the kernel forms (up to pairs·n − 1) must fit its 32-bit arithmetic.
+    let np = n
+        .checked_mul(pairs)
+        .filter(|&np| np <= MAX_INDEX_32)
+        .ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "pre",
+                format!("{pairs}·{n} elements exceed the 32-bit index limit {MAX_INDEX_32}"),
+            )
+        })?;
+    let like = |arg: &'static str, t: &Tensor, want: usize| -> Result<()> {
+        if t.numel() != want {
+            return Err(Error::shape(OP, arg, format!("{want} elements"), t.shape()));
+        }
+        Ok(())
+    };
+    like("c0", c0, n)?;
+    like("dx0", dx0, n)?;
+    like("pre", pre, np)?;
+    like("delta", delta, np)?;
+    let mut params = GateBackwardParams {
+        n: n as u32,
+        gated: gated as u32,
+        gbar_dt: dt_code(gbar.dtype()),
+        c0_dt: dt_code(c0.dtype()),
+        pre_dt: dt_code(pre.dtype()),
+        delta_dt: dt_code(delta.dtype()),
+        dx0_dt: dt_code(dx0.dtype()),
+        ..Default::default()
+    };
+    let geometry = elementwise_geometry(d, KERNEL, n)?;
+    let func = d.function("gated_cross.cu", &[], KERNEL)?;
+    let stream = d.stream.clone();
+    let (pg, _gg) = ptr(storage(OP, "gbar", d, gbar)?, &stream);
+    let (pc, _gc) = ptr(storage(OP, "c0", d, c0)?, &stream);
+    let (pp, _gp) = ptr(storage(OP, "pre", d, pre)?, &stream);
+    params.gbar = pg;
+    params.c0 = pc;
+    params.pre = pp;
+    let (pd, _gd) = ptr_mut(storage_mut(OP, "delta", d, delta)?, &stream);
+    params.delta = pd;
+    let (px, _gx) = ptr_mut(storage_mut(OP, "dx0", d, dx0)?, &stream);
+    params.dx0 = px;
+    // SAFETY: `params` mirrors GateBackwardParams in gated_cross.cu (size asserted on both
+    // sides). gbar, c0 and dx0 hold exactly n elements and pre and delta exactly pairs·n of their
+    // dtypes (checked above, pairs·n ≤ 2^31 − 1); the kernel reads and writes only k < n and
+    // pairs·k + {0, 1} < pairs·n. delta and dx0 are distinct exclusive borrows, so no input
+    // aliases an output. Every allocation outlives the kernel in stream order.
+    unsafe {
+        launch::launch(
+            KERNEL,
+            &stream,
+            &func,
+            &d.limits,
+            geometry,
+            &params,
+            d.sync_check,
+        )
+    }
+}
+
+/// Mirrors `struct AddParams` in kernels/cuda/gated_cross.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct AddParams {
+    a: u64,
+    b: u64,
+    out: u64,
+    n: u32,
+    a_dt: u32,
+    b_dt: u32,
+    out_dt: u32,
+}
+const _: () = assert!(std::mem::size_of::<AddParams>() == 40);
+// SAFETY: #[repr(C)], integers only, no padding (3·8 + 4·4 = 40), same layout as the CUDA
+// struct (size asserted on both sides).
+unsafe impl DeviceRepr for AddParams {}
+
+/// out = a (+ b), element-wise over equal sizes, any dtypes (also a plain cast).
+pub(crate) fn add(
+    d: &Arc<CudaDevice>,
+    a: &Tensor,
+    b: Option<&Tensor>,
+    out: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "add(cuda)";
+    const KERNEL: &str = "elementwise_add";
+    let n = a.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    for (arg, t) in [("b", b), ("out", Some(&*out))] {
+        if let Some(t) = t {
+            if t.numel() != n {
+                return Err(Error::shape(
+                    OP,
+                    arg,
+                    format!("{n} elements like a"),
+                    t.shape(),
+                ));
+            }
+        }
+    }
+    let mut params = AddParams {
+        n: u32_of(OP, "a", "element count", n)?,
+        a_dt: dt_code(a.dtype()),
+        b_dt: b.map(|t| dt_code(t.dtype())).unwrap_or(0),
+        out_dt: dt_code(out.dtype()),
+        ..Default::default()
+    };
+    let geometry = elementwise_geometry(d, KERNEL, n)?;
+    let func = d.function("gated_cross.cu", &[], KERNEL)?;
+    let stream = d.stream.clone();
+    let (pa, _ga) = ptr(storage(OP, "a", d, a)?, &stream);
+    params.a = pa;
+    let _gb = match b {
+        Some(t) => {
+            let (p, g) = ptr(storage(OP, "b", d, t)?, &stream);
+            params.b = p;
+            Some(g)
+        }
+        None => None,
+    };
+    let (po, _go) = ptr_mut(storage_mut(OP, "out", d, out)?, &stream);
+    params.out = po;
+    // SAFETY: `params` mirrors AddParams in gated_cross.cu (size asserted on both sides); a, b
+    // and out each hold exactly n ≤ 2^31 − 1 elements of their dtypes (checked above) and the
+    // kernel touches only k < n; out is an exclusive borrow, so it aliases neither input. Every
+    // allocation outlives the kernel in stream order.
+    unsafe {
+        launch::launch(
+            KERNEL,
+            &stream,
+            &func,
+            &d.limits,
+            geometry,
+            &params,
+            d.sync_check,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,31 +872,4 @@ mod tests {
             Some([7, 3, 1, 0])
         );
     }
-}
-pub(crate) fn gate_backward(
-    _d: &Arc<super::CudaDevice>,
-    _g: &Tensor,
-    _c0: &Tensor,
-    _pre: &Tensor,
-    _gated: bool,
-    _delta: &mut Tensor,
-    _dx0: &mut Tensor,
-) -> Result<()> {
-    Err(Error::Unsupported {
-        op: "gate_backward",
-        backend: "cuda",
-        what: "not yet implemented".into(),
-    })
-}
-pub(crate) fn add(
-    _d: &Arc<super::CudaDevice>,
-    _a: &Tensor,
-    _b: Option<&Tensor>,
-    _out: &mut Tensor,
-) -> Result<()> {
-    Err(Error::Unsupported {
-        op: "add",
-        backend: "cuda",
-        what: "not yet implemented".into(),
-    })
 }
