@@ -148,7 +148,7 @@ fn every_cuda_kernel_variant_compiles_for_sm90_without_spills() {
     assert!(!variants.is_empty());
     let mut failures = Vec::new();
     println!(
-        "{:<12} {:<28} {:<16} {:>5} {:>7} {:>6} {:>7}",
+        "{:<14} {:<28} {:<16} {:>5} {:>7} {:>6} {:>7}",
         "file", "defines", "kernel", "regs", "smem", "stack", "spills"
     );
     for (i, (file, defines)) in variants.iter().enumerate() {
@@ -179,7 +179,7 @@ fn every_cuda_kernel_variant_compiles_for_sm90_without_spills() {
         }
         for r in reports {
             println!(
-                "{:<12} {:<28} {:<16} {:>5} {:>7} {:>6} {:>3}/{:<3}",
+                "{:<14} {:<28} {:<16} {:>5} {:>7} {:>6} {:>3}/{:<3}",
                 file,
                 defines.join(","),
                 r.function,

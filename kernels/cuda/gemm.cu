@@ -2,19 +2,40 @@
 //
 // Math, for g < batch, i < m, j < n (f32 accumulation whatever the storage dtypes):
 //     acc        = Σ_k A(g,i,k) · B(g,k,j)
-//     z          = alpha · acc + bias[g·bias_bs + j]                 (bias optional)
-//     pre(g,i,j) = z                                                 (pre optional)
-//     y          = act(z) + residual(g,i,j) + [accumulate] C(g,i,j)  (old C read first)
+//     z(j)       = alpha · acc + bias[g·bias_bs + j]                 (bias optional)
+//     pre(g,i,j) = z(j), at pre_view                                 (pre optional)
+//     y          = act(z(j)) · mul(g,i,j) + residual(g,i,j) + [accumulate] C(g,i,j)
 //     C(g,i,j)   = y, rounded to C's dtype (round to nearest even for bf16/f16)
+// (mul defaults to 1, residual to 0; the old C is read before it is written.)
+// Gated (GEMM_FLAG_GATED, the GDCN cross layer; act = none, n even): the GEMM columns come in
+// (cross, gate) pairs (2j, 2j+1) of interleaved packed weights, and only n/2 outputs exist:
+//     y(g,i,j)   = mul(g,i,j) · z(2j) · σ(z(2j+1)) + residual(g,i,j) + [accumulate] C(g,i,j)
+// for j < n/2. pre still receives all n columns (through pre_view); C, mul and residual are
+// indexed at column j through c_view.
 // X(g,i,j) is element off + g·bs + i·rs + j·cs of its tensor (a MatView), so x·Wᵀ, dZ·W and
 // dZᵀ·X all run without a transpose in memory. Every element index the kernel forms is one
 // the host proved to be < the tensor's element count ≤ 2^31 − 1, so 32-bit unsigned index
 // arithmetic is exact; rows/cols beyond m, n, k never form an address.
 //
+// Column pairs: in both kernels every thread's accumulators cover whole column pairs
+// (2j, 2j+1) of one row, so the gated epilogue needs no data exchange between threads:
+//   gemm_ffma  thread (tx, ty) owns columns col0 + 4tx .. col0 + 4tx + 3, i.e. the two pairs
+//              starting at col0 + 4tx and col0 + 4tx + 2 (col0 is a multiple of 64);
+//   gemm_mma   the m16n8 C fragment gives lane (g, t) the columns 2t and 2t+1 of an n8 tile
+//              (d0, d1 in row g; d2, d3 in row g+8), and every n8 tile starts at an even
+//              column, so (d0, d1) and (d2, d3) are each exactly one pair.
+// `gemm_epilogue_pair` below therefore takes the accumulators of columns (c, c+1), c even:
+// gated, it writes output j = c/2; otherwise it is the plain epilogue for columns c and c+1
+// (the latter only when c + 1 < n: a plain n may be odd). Because n is even when gated,
+// c < n implies c + 1 < n there.
+// Index arithmetic to keep parallel with the WGSL twin (kernels/wgsl/gemm.wgsl) and the CPU
+// (src/cpu/fast.rs::gemm): z columns 2j, 2j+1 -> pre at pre_view(g,i,2j), pre_view(g,i,2j+1);
+// output j -> C, mul, residual at c_view(g,i,j).
+//
 // Variants (selected by -D defines; the host lists them in `compile_variants()`):
 //   A_DT, B_DT   storage dtype codes of A and B (0 f32, 1 bf16, 2 f16), compiled in because
 //                they are read K/64 (or K/128) times per output; the dtypes of C, bias,
-//                residual and pre are runtime fields, touched once per output element.
+//                mul, residual and pre are runtime fields, touched once per output element.
 //   GEMM_MMA = 0 `gemm_ffma`: f32 FFMA tiles, any A/B dtype mix (converted on load).
 //   GEMM_MMA = 1 `gemm_mma` with mma.sync m16n8k16 bf16 (A_DT = B_DT = 1).
 //   GEMM_MMA = 2 `gemm_mma` with mma.sync m16n8k16 f16  (A_DT = B_DT = 2).
@@ -41,10 +62,19 @@
 //   (tf32 rounding, 16-bit packing) on the way into shared memory.
 //   Traffic: A is read ⌈n/128⌉ times, B ⌈m/128⌉ times; per k-word step a warp issues 16 MMAs
 //   for 4 A + 4 B fragment loads (24 LDS.32 per thread).
-//   Occupancy (ptxas, sm_90, NVRTC 13.0): 128 registers for bf16/f16 → 2 blocks (16 warps) per
-//   SM; 167 for tf32 → 1 block per SM. gemm_ffma: 64 registers, 8.5 KiB shared → 4 blocks.
+//   Occupancy (ptxas, sm_90, NVRTC 13.0, with the pair epilogue; tests/cuda_compile.rs prints
+//   the current numbers): 128 registers for bf16, f16 and tf32 → 2 blocks (16 warps) per SM
+//   (tf32 used 167, i.e. 1 block, with the earlier per-element epilogue). gemm_ffma: 48
+//   registers (12288 per block), 8.5 KiB shared → 5 blocks (40 warps) per SM.
 //
-// Epilogue (both kernels): `gemm_epilogue` below, once per output element, bounds-checked.
+// Epilogue (both kernels): `gemm_epilogue_pair` below, once per column pair, bounds-checked.
+// The gated flag, bias, mul, residual and pre are runtime (block-uniform) switches, not
+// variants: the epilogue runs once per output and its branches cost nothing next to the
+// memory traffic, while compiling them in would multiply the 12 variants. Epilogue traffic
+// per row of C: pre n elements written; C written (and read when accumulating), mul and
+// residual read, n/2 elements each when gated, n otherwise. In gemm_mma one epilogue step of
+// a warp covers 8 rows × 4 column pairs: gated, 4 consecutive outputs per row (16 B of f32);
+// plain, 8 consecutive columns per row. Partial coalescing in both cases (no smem restage).
 
 #ifndef A_DT
 #error "A_DT (dtype code of A) must be defined"
@@ -56,34 +86,47 @@
 #error "GEMM_MMA (0 ffma, 1 bf16 mma, 2 f16 mma, 3 tf32 mma) must be defined"
 #endif
 
-// Mirrors `GemmParams` in src/cuda/gemm.rs field for field (#[repr(C)], 144 bytes).
+// Mirrors `GemmParams` in src/cuda/gemm.rs field for field (#[repr(C)], 176 bytes).
 struct GemmParams {
-    unsigned long long a, b, c, bias, residual, pre;  // device addresses; 0 = absent
+    unsigned long long a, b, c, bias, residual, pre, mul;  // device addresses; 0 = absent
     unsigned m, n, k, batch;
     unsigned a_off, a_rs, a_cs, a_bs;
     unsigned b_off, b_rs, b_cs, b_bs;
-    unsigned c_off, c_rs, c_cs, c_bs;  // C, residual and pre share this layout
+    unsigned c_off, c_rs, c_cs, c_bs;          // C, mul and residual share this layout
+    unsigned pre_off, pre_rs, pre_cs, pre_bs;  // pre (n columns even when gated)
     unsigned bias_bs;
     float alpha;
     unsigned act;    // RF_ACT_*
     unsigned flags;  // GEMM_FLAG_*
-    unsigned c_dt, bias_dt, res_dt, pre_dt;
+    unsigned c_dt, bias_dt, res_dt, pre_dt, mul_dt;
+    unsigned pad_;
 };
-static_assert(sizeof(GemmParams) == 144, "GemmParams layout must match the host");
+static_assert(sizeof(GemmParams) == 176, "GemmParams layout must match the host");
 
 #define GEMM_FLAG_ACCUMULATE 1u
+#define GEMM_FLAG_GATED 2u
 
-__device__ __forceinline__ void gemm_epilogue(const GemmParams& p, unsigned g, unsigned i,
-                                              unsigned j, float acc) {
-    const unsigned idx = p.c_off + g * p.c_bs + i * p.c_rs + j * p.c_cs;
+// z of GEMM column `col` in row i (alpha, bias), stored to pre when asked for.
+__device__ __forceinline__ float gemm_z(const GemmParams& p, unsigned g, unsigned i,
+                                        unsigned col, float acc) {
     float z = p.alpha * acc;
     if (p.bias) {
-        z += rf_load_dyn(p.bias, p.bias_dt, g * p.bias_bs + j);
+        z += rf_load_dyn(p.bias, p.bias_dt, g * p.bias_bs + col);
     }
     if (p.pre) {
-        rf_store_dyn(p.pre, p.pre_dt, idx, z);
+        rf_store_dyn(p.pre, p.pre_dt, p.pre_off + g * p.pre_bs + i * p.pre_rs + col * p.pre_cs,
+                     z);
     }
-    float y = rf_act(p.act, z);
+    return z;
+}
+
+// y = v · mul + residual + [accumulate] C at output (g, i, j) of c_view, then C = y.
+__device__ __forceinline__ void gemm_store(const GemmParams& p, unsigned g, unsigned i,
+                                           unsigned j, float y) {
+    const unsigned idx = p.c_off + g * p.c_bs + i * p.c_rs + j * p.c_cs;
+    if (p.mul) {
+        y *= rf_load_dyn(p.mul, p.mul_dt, idx);
+    }
     if (p.residual) {
         y += rf_load_dyn(p.residual, p.res_dt, idx);
     }
@@ -91,6 +134,23 @@ __device__ __forceinline__ void gemm_epilogue(const GemmParams& p, unsigned g, u
         y += rf_load_dyn(p.c, p.c_dt, idx);
     }
     rf_store_dyn(p.c, p.c_dt, idx, y);
+}
+
+// The epilogue of GEMM columns c and c+1 of row i (the caller checks i < m and c < n; c is
+// even). Gated: output c/2 = z(c)·σ(z(c+1)) (c + 1 < n because n is even). Plain: outputs c
+// and, if c + 1 < n, c + 1.
+__device__ __forceinline__ void gemm_epilogue_pair(const GemmParams& p, unsigned g, unsigned i,
+                                                   unsigned c, float acc0, float acc1) {
+    const float z0 = gemm_z(p, g, i, c, acc0);
+    if (p.flags & GEMM_FLAG_GATED) {
+        const float z1 = gemm_z(p, g, i, c + 1u, acc1);
+        gemm_store(p, g, i, c >> 1, z0 * rf_act(RF_ACT_SIGMOID, z1));
+    } else {
+        gemm_store(p, g, i, c, rf_act(p.act, z0));
+        if (c + 1u < p.n) {
+            gemm_store(p, g, i, c + 1u, rf_act(p.act, gemm_z(p, g, i, c + 1u, acc1)));
+        }
+    }
 }
 
 #if GEMM_MMA == 0
@@ -176,14 +236,15 @@ extern "C" __global__ void __launch_bounds__(256) gemm_ffma(const GemmParams p) 
         __syncthreads();
     }
 
+    // Columns col0 + 4tx + {0, 1} and {2, 3}: two whole pairs (col0 + 4tx is even).
 #pragma unroll
     for (unsigned i = 0; i < 4; ++i) {
         const unsigned r = row0 + ty * 4u + i;
 #pragma unroll
-        for (unsigned j = 0; j < 4; ++j) {
-            const unsigned c = col0 + tx * 4u + j;
+        for (unsigned jp = 0; jp < 2; ++jp) {
+            const unsigned c = col0 + tx * 4u + jp * 2u;
             if (r < p.m && c < p.n) {
-                gemm_epilogue(p, g, r, c, acc[i][j]);
+                gemm_epilogue_pair(p, g, r, c, acc[i][2 * jp], acc[i][2 * jp + 1]);
             }
         }
     }
@@ -321,16 +382,18 @@ extern "C" __global__ void __launch_bounds__(256) gemm_mma(const GemmParams p) {
         __syncthreads();
     }
 
+    // Fragment (d0, d1) is row gq, columns (2tq, 2tq+1) of the n8 tile; (d2, d3) the same
+    // columns of row gq + 8: one whole column pair each (the tile's first column is even).
 #pragma unroll
     for (unsigned mi = 0; mi < 4; ++mi) {
 #pragma unroll
         for (unsigned ni = 0; ni < 4; ++ni) {
 #pragma unroll
-            for (unsigned q = 0; q < 4; ++q) {
-                const unsigned r = row0 + wm * 64u + mi * 16u + gq + (q >> 1) * 8u;
-                const unsigned c = col0 + wn * 32u + ni * 8u + tq * 2u + (q & 1u);
+            for (unsigned h = 0; h < 2; ++h) {
+                const unsigned r = row0 + wm * 64u + mi * 16u + gq + h * 8u;
+                const unsigned c = col0 + wn * 32u + ni * 8u + tq * 2u;
                 if (r < p.m && c < p.n) {
-                    gemm_epilogue(p, g, r, c, acc[mi][ni][q]);
+                    gemm_epilogue_pair(p, g, r, c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! Launchers for the GEMM core (`kernels/cuda/gemm.cu`) and its backward helpers
-//! (`kernels/cuda/gemm_aux.cu`). Each one re-validates what its kernel's index arithmetic
+//! Launchers for the GEMM core (`kernels/cuda/gemm.cu`), its backward helpers
+//! (`kernels/cuda/gemm_aux.cu`) and the element-wise half of the cross-layer backward
+//! (`kernels/cuda/gated_cross.cu`). Each one re-validates what its kernel's index arithmetic
 //! relies on, converts sizes to the kernel's 32-bit fields with checked conversions, picks the
 //! variant, and launches through `launch::launch`.
 
@@ -119,6 +120,7 @@ pub(crate) struct GemmParams {
     bias: u64,
     residual: u64,
     pre: u64,
+    mul: u64,
     m: u32,
     n: u32,
     k: u32,
@@ -126,6 +128,7 @@ pub(crate) struct GemmParams {
     a_view: [u32; 4],
     b_view: [u32; 4],
     c_view: [u32; 4],
+    pre_view: [u32; 4],
     bias_bs: u32,
     alpha: f32,
     act: u32,
@@ -134,14 +137,26 @@ pub(crate) struct GemmParams {
     bias_dt: u32,
     res_dt: u32,
     pre_dt: u32,
+    mul_dt: u32,
+    pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<GemmParams>() == 144);
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 176);
+// Offsets of the fields added with the mul/gated epilogue, as the CUDA struct's natural
+// layout puts them (a size check alone would not catch two swapped fields; NVRTC has no
+// offsetof, so only this side can assert them).
+const _: () = assert!(std::mem::offset_of!(GemmParams, mul) == 48);
+const _: () = assert!(std::mem::offset_of!(GemmParams, pre_view) == 120);
+const _: () = assert!(std::mem::offset_of!(GemmParams, flags) == 148);
+const _: () = assert!(std::mem::offset_of!(GemmParams, mul_dt) == 168);
 
-// SAFETY: #[repr(C)], only integers and f32, no padding (144 bytes = 6·8 + 24·4, asserted
-// above and by a static_assert in gemm.cu), laid out exactly like the CUDA struct.
+// SAFETY: #[repr(C)], only integers and f32, no implicit padding (176 bytes = 7·8 + 30·4 with
+// the explicit `pad`, asserted above and by a static_assert in gemm.cu), laid out exactly like
+// the CUDA struct.
 unsafe impl DeviceRepr for GemmParams {}
 
 const GEMM_FLAG_ACCUMULATE: u32 = 1;
+/// The GDCN pair epilogue (`Gemm::gated`).
+const GEMM_FLAG_GATED: u32 = 2;
 
 /// A compiled form of gemm.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,11 +227,11 @@ pub(crate) fn gemm(
     pre: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "gemm(cuda)";
-    if p.mul.is_some() || p.gated || p.pre_view != p.c_view || p.bias_offset != 0 {
+    if p.bias_offset != 0 {
         return Err(Error::Unsupported {
             op: OP,
             backend: "cuda",
-            what: "the multiplier, gated (GDCN) and bias-offset epilogues are not in this kernel yet".into(),
+            what: "a bias offset is not in this kernel yet".into(),
         });
     }
     if p.m == 0 || p.n == 0 || p.batch == 0 {
@@ -248,6 +263,19 @@ pub(crate) fn gemm(
         Some(t) => Some((storage(OP, "residual", d, t)?, t.dtype())),
         None => None,
     };
+    let mul = match p.mul {
+        Some(t) => Some((storage(OP, "mul", d, t)?, t.dtype())),
+        None => None,
+    };
+    // Outputs per row: the gated epilogue folds each (cross, gate) column pair into one.
+    let out_n = if p.gated { p.n / 2 } else { p.n };
+    let mut flags = 0;
+    if p.accumulate {
+        flags |= GEMM_FLAG_ACCUMULATE;
+    }
+    if p.gated {
+        flags |= GEMM_FLAG_GATED;
+    }
     let c_dtype = c.dtype();
     let pre_dtype = pre.as_ref().map(|t| t.dtype());
 
@@ -258,22 +286,24 @@ pub(crate) fn gemm(
         batch: u32_of(OP, "batch", "batch", p.batch)?,
         a_view: view32(OP, "a", &p.a_view, p.batch, p.m, p.k)?,
         b_view: view32(OP, "b", &p.b_view, p.batch, p.k, p.n)?,
-        c_view: view32(OP, "c", &p.c_view, p.batch, p.m, p.n)?,
+        c_view: view32(OP, "c", &p.c_view, p.batch, p.m, out_n)?,
+        pre_view: if pre.is_some() {
+            view32(OP, "pre", &p.pre_view, p.batch, p.m, p.n)?
+        } else {
+            [0; 4]
+        },
         bias_bs: match bias {
             Some((_, _, bs)) => stride_of(OP, "bias", bs, p.batch)?,
             None => 0,
         },
         alpha: p.alpha,
         act: p.act.id(),
-        flags: if p.accumulate {
-            GEMM_FLAG_ACCUMULATE
-        } else {
-            0
-        },
+        flags,
         c_dt: dt_code(c_dtype),
         bias_dt: bias.map(|(_, dt, _)| dt_code(dt)).unwrap_or(0),
         res_dt: residual.map(|(_, dt)| dt_code(dt)).unwrap_or(0),
         pre_dt: pre_dtype.map(dt_code).unwrap_or(0),
+        mul_dt: mul.map(|(_, dt)| dt_code(dt)).unwrap_or(0),
         ..Default::default()
     };
 
@@ -293,6 +323,11 @@ pub(crate) fn gemm(
         params.residual = p;
         g
     });
+    let _gmul = mul.map(|(s, _)| {
+        let (p, g) = ptr(s, &stream);
+        params.mul = p;
+        g
+    });
     let _gpre = match pre {
         Some(t) => {
             let s = storage_mut(OP, "pre", d, t)?;
@@ -309,7 +344,8 @@ pub(crate) fn gemm(
     // SAFETY: `params` mirrors gemm.cu's GemmParams (size asserted on both sides). Every
     // address is a live allocation on this device, borrowed until this function returns and
     // freed only in stream order after the kernel. `p.check` proved every view's extent fits
-    // its tensor and every tensor has ≤ 2^31 − 1 elements, so each index the kernel forms for
+    // its tensor (C, mul and residual over n/2 columns when gated, pre over n) and every tensor
+    // has ≤ 2^31 − 1 elements, and that a gated n is even, so each index the kernel forms for
     // an in-range (g, i, j, k) is in bounds and exact in 32-bit arithmetic.
     unsafe {
         launch::launch(
@@ -569,6 +605,205 @@ pub(crate) fn col_sum(
     Ok(())
 }
 
+/// Grid-stride geometry for the element-wise kernels: 256 threads per block, enough blocks to
+/// fill the device several times over. The grid stride stays far below 2^31, so a kernel's
+/// `k += stride` over k < n ≤ 2^31 − 1 cannot wrap.
+fn elementwise_geometry(d: &CudaDevice, kernel: &str, n: usize) -> Result<Geometry> {
+    Ok(Geometry {
+        grid: (
+            blocks_for(kernel, "n", n, 256)?.min(d.limits.sm_count.max(1) * 32),
+            1,
+            1,
+        ),
+        block: (256, 1, 1),
+        dyn_smem: 0,
+    })
+}
+
+/// Mirrors `struct GateBackwardParams` in kernels/cuda/gated_cross.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GateBackwardParams {
+    gbar: u64,
+    c0: u64,
+    pre: u64,
+    delta: u64,
+    dx0: u64,
+    n: u32,
+    gated: u32,
+    gbar_dt: u32,
+    c0_dt: u32,
+    pre_dt: u32,
+    delta_dt: u32,
+    dx0_dt: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<GateBackwardParams>() == 72);
+// SAFETY: #[repr(C)], integers only, no implicit padding (explicit `pad`), same layout as the
+// CUDA struct (size asserted on both sides).
+unsafe impl DeviceRepr for GateBackwardParams {}
+
+/// See `ops::backend::gate_backward`: `gbar`, `c0`, `dx0` hold rows·D elements, `pre` and
+/// `delta` P·rows (P = 2D gated, else D); `dx0` is accumulated.
+pub(crate) fn gate_backward(
+    d: &Arc<CudaDevice>,
+    gbar: &Tensor,
+    c0: &Tensor,
+    pre: &Tensor,
+    gated: bool,
+    delta: &mut Tensor,
+    dx0: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "gate_backward(cuda)";
+    const KERNEL: &str = "gate_backward";
+    let n = gbar.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let pairs = if gated { 2 } else { 1 };
+    // Every index the kernel forms (up to pairs·n − 1) must fit its 32-bit arithmetic.
+    let np = n
+        .checked_mul(pairs)
+        .filter(|&np| np <= MAX_INDEX_32)
+        .ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "pre",
+                format!("{pairs}·{n} elements exceed the 32-bit index limit {MAX_INDEX_32}"),
+            )
+        })?;
+    let like = |arg: &'static str, t: &Tensor, want: usize| -> Result<()> {
+        if t.numel() != want {
+            return Err(Error::shape(OP, arg, format!("{want} elements"), t.shape()));
+        }
+        Ok(())
+    };
+    like("c0", c0, n)?;
+    like("dx0", dx0, n)?;
+    like("pre", pre, np)?;
+    like("delta", delta, np)?;
+    let mut params = GateBackwardParams {
+        n: n as u32,
+        gated: gated as u32,
+        gbar_dt: dt_code(gbar.dtype()),
+        c0_dt: dt_code(c0.dtype()),
+        pre_dt: dt_code(pre.dtype()),
+        delta_dt: dt_code(delta.dtype()),
+        dx0_dt: dt_code(dx0.dtype()),
+        ..Default::default()
+    };
+    let geometry = elementwise_geometry(d, KERNEL, n)?;
+    let func = d.function("gated_cross.cu", &[], KERNEL)?;
+    let stream = d.stream.clone();
+    let (pg, _gg) = ptr(storage(OP, "gbar", d, gbar)?, &stream);
+    let (pc, _gc) = ptr(storage(OP, "c0", d, c0)?, &stream);
+    let (pp, _gp) = ptr(storage(OP, "pre", d, pre)?, &stream);
+    params.gbar = pg;
+    params.c0 = pc;
+    params.pre = pp;
+    let (pd, _gd) = ptr_mut(storage_mut(OP, "delta", d, delta)?, &stream);
+    params.delta = pd;
+    let (px, _gx) = ptr_mut(storage_mut(OP, "dx0", d, dx0)?, &stream);
+    params.dx0 = px;
+    // SAFETY: `params` mirrors GateBackwardParams in gated_cross.cu (size asserted on both
+    // sides). gbar, c0 and dx0 hold exactly n elements and pre and delta exactly pairs·n of their
+    // dtypes (checked above, pairs·n ≤ 2^31 − 1); the kernel reads and writes only k < n and
+    // pairs·k + {0, 1} < pairs·n. delta and dx0 are distinct exclusive borrows, so no input
+    // aliases an output. Every allocation outlives the kernel in stream order.
+    unsafe {
+        launch::launch(
+            KERNEL,
+            &stream,
+            &func,
+            &d.limits,
+            geometry,
+            &params,
+            d.sync_check,
+        )
+    }
+}
+
+/// Mirrors `struct AddParams` in kernels/cuda/gated_cross.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct AddParams {
+    a: u64,
+    b: u64,
+    out: u64,
+    n: u32,
+    a_dt: u32,
+    b_dt: u32,
+    out_dt: u32,
+}
+const _: () = assert!(std::mem::size_of::<AddParams>() == 40);
+// SAFETY: #[repr(C)], integers only, no padding (3·8 + 4·4 = 40), same layout as the CUDA
+// struct (size asserted on both sides).
+unsafe impl DeviceRepr for AddParams {}
+
+/// out = a (+ b), element-wise over equal sizes, any dtypes (also a plain cast).
+pub(crate) fn add(
+    d: &Arc<CudaDevice>,
+    a: &Tensor,
+    b: Option<&Tensor>,
+    out: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "add(cuda)";
+    const KERNEL: &str = "elementwise_add";
+    let n = a.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    for (arg, t) in [("b", b), ("out", Some(&*out))] {
+        if let Some(t) = t {
+            if t.numel() != n {
+                return Err(Error::shape(
+                    OP,
+                    arg,
+                    format!("{n} elements like a"),
+                    t.shape(),
+                ));
+            }
+        }
+    }
+    let mut params = AddParams {
+        n: u32_of(OP, "a", "element count", n)?,
+        a_dt: dt_code(a.dtype()),
+        b_dt: b.map(|t| dt_code(t.dtype())).unwrap_or(0),
+        out_dt: dt_code(out.dtype()),
+        ..Default::default()
+    };
+    let geometry = elementwise_geometry(d, KERNEL, n)?;
+    let func = d.function("gated_cross.cu", &[], KERNEL)?;
+    let stream = d.stream.clone();
+    let (pa, _ga) = ptr(storage(OP, "a", d, a)?, &stream);
+    params.a = pa;
+    let _gb = match b {
+        Some(t) => {
+            let (p, g) = ptr(storage(OP, "b", d, t)?, &stream);
+            params.b = p;
+            Some(g)
+        }
+        None => None,
+    };
+    let (po, _go) = ptr_mut(storage_mut(OP, "out", d, out)?, &stream);
+    params.out = po;
+    // SAFETY: `params` mirrors AddParams in gated_cross.cu (size asserted on both sides); a, b
+    // and out each hold exactly n ≤ 2^31 − 1 elements of their dtypes (checked above) and the
+    // kernel touches only k < n; out is an exclusive borrow, so it aliases neither input. Every
+    // allocation outlives the kernel in stream order.
+    unsafe {
+        launch::launch(
+            KERNEL,
+            &stream,
+            &func,
+            &d.limits,
+            geometry,
+            &params,
+            d.sync_check,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,31 +879,4 @@ mod tests {
             Some([7, 3, 1, 0])
         );
     }
-}
-pub(crate) fn gate_backward(
-    _d: &Arc<super::CudaDevice>,
-    _g: &Tensor,
-    _c0: &Tensor,
-    _pre: &Tensor,
-    _gated: bool,
-    _delta: &mut Tensor,
-    _dx0: &mut Tensor,
-) -> Result<()> {
-    Err(Error::Unsupported {
-        op: "gate_backward",
-        backend: "cuda",
-        what: "not yet implemented".into(),
-    })
-}
-pub(crate) fn add(
-    _d: &Arc<super::CudaDevice>,
-    _a: &Tensor,
-    _b: Option<&Tensor>,
-    _out: &mut Tensor,
-) -> Result<()> {
-    Err(Error::Unsupported {
-        op: "add",
-        backend: "cuda",
-        what: "not yet implemented".into(),
-    })
 }

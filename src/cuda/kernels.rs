@@ -14,6 +14,10 @@ pub(crate) const FILES: &[(&str, &str)] = &[
         "gemm_aux.cu",
         include_str!("../../kernels/cuda/gemm_aux.cu"),
     ),
+    (
+        "gated_cross.cu",
+        include_str!("../../kernels/cuda/gated_cross.cu"),
+    ),
 ];
 
 /// A kernel file's complete compilation unit, or `None` for an unknown name.
