@@ -2,7 +2,8 @@
 //
 // Math, for g < batch, i < m, j < n (f32 accumulation whatever the storage dtypes):
 //     acc        = Σ_k A(g,i,k) · B(g,k,j)
-//     z(j)       = alpha · acc + bias[g·bias_bs + j]                 (bias optional)
+//     z(j)       = alpha · acc + bias[g·bias_bs + j]                 (bias optional; the
+//                  host offsets the bias address for a run starting past weight set 0)
 //     pre(g,i,j) = z(j), at pre_view                                 (pre optional)
 //     y          = act(z(j)) · mul(g,i,j) + residual(g,i,j) + [accumulate] C(g,i,j)
 //     C(g,i,j)   = y, rounded to C's dtype (round to nearest even for bf16/f16)

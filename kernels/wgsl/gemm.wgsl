@@ -3,7 +3,7 @@
 // What it computes (src/ops/gemm.rs is the authority; the CPU backend computes the same):
 //   for g < batch, i < m, j < n:
 //     acc = Σ_k A(g,i,k)·B(g,k,j)        f32 accumulation, k in increasing order per element
-//     z   = alpha·acc + bias(g,j)         [HAS_BIAS]
+//     z   = alpha·acc + bias[bias_off + g·bias_bs + j]   [HAS_BIAS]
 //     pre(g,i,j) = z                      [HAS_PRE]
 //   plain (GATED = false), for j < n:
 //     y   = act(z(j))·mul(g,i,j) + residual(g,i,j) + C_old(g,i,j)
@@ -95,6 +95,8 @@ struct GemmParams {
     // Where pre is written (pre's view, or compact [batch, m, n] scratch).
     q_off: u32, q_rs: u32, q_cs: u32, q_bs: u32,
     bias_bs: u32, alpha_bits: u32, tiles_n: u32, tiles_m: u32,
+    // First bias element (a run of weight sets that starts past set 0).
+    bias_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: GemmParams;
@@ -133,7 +135,7 @@ fn load_mul(e: u32) -> f32 {
 fn pre_activation(acc: f32, alpha: f32, g: u32, gm: u32, gn: u32) -> f32 {
     var z = alpha * acc;
     if (HAS_BIAS) {
-        z += load_bias(g * P.bias_bs + gn);
+        z += load_bias(P.bias_off + g * P.bias_bs + gn);
     }
     if (HAS_PRE) {
         pre_out[P.q_off + g * P.q_bs + gm * P.q_rs + gn * P.q_cs] = bitcast<u32>(z);

@@ -227,13 +227,6 @@ pub(crate) fn gemm(
     pre: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "gemm(cuda)";
-    if p.bias_offset != 0 {
-        return Err(Error::Unsupported {
-            op: OP,
-            backend: "cuda",
-            what: "a bias offset is not in this kernel yet".into(),
-        });
-    }
     if p.m == 0 || p.n == 0 || p.batch == 0 {
         return Ok(());
     }
@@ -313,9 +306,11 @@ pub(crate) fn gemm(
     let (pb, _gb) = ptr(b, &stream);
     params.a = pa;
     params.b = pb;
-    let _gbias = bias.map(|(s, _, _)| {
-        let (p, g) = ptr(s, &stream);
-        params.bias = p;
+    let _gbias = bias.map(|(s, dt, _)| {
+        let (ptr0, g) = ptr(s, &stream);
+        // A run of weight sets starting past set 0: offset the base address (the kernel's
+        // indices stay relative), bounds already checked by `Gemm::check`.
+        params.bias = ptr0 + (p.bias_offset * dt.size()) as u64;
         g
     });
     let _gres = residual.map(|(s, _)| {

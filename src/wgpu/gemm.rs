@@ -227,13 +227,6 @@ pub(crate) fn gemm(
     pre: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "gemm(wgpu)";
-    if p.bias_offset != 0 {
-        return Err(Error::Unsupported {
-            op: OP,
-            backend: "wgpu",
-            what: "a bias offset is not in this kernel yet".into(),
-        });
-    }
     let c: &Tensor = c;
     let pre: Option<&Tensor> = pre.map(|t| &*t);
     if p.gated && (p.n % 2 != 0 || p.act != Activation::None) {
@@ -326,6 +319,7 @@ pub(crate) fn gemm(
         p.alpha.to_bits(),
         to_u32(OP, "c", "column tiles", tiles_n)?,
         to_u32(OP, "c", "row tiles", tiles_m)?,
+        to_u32(OP, "bias", "offset", p.bias_offset)?,
     ]);
 
     let dt_or_f32 = |t: Option<&Tensor>| dtype_code(t.map_or(DType::F32, |t| t.dtype()));
