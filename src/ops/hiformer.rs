@@ -70,7 +70,14 @@ pub struct LayerConfig {
 
 impl LayerConfig {
     /// f32, no pruning, no group map, shared LayerNorm affine.
-    pub fn new(tokens: usize, width: usize, heads: usize, dk: usize, dv: usize, dff: usize) -> LayerConfig {
+    pub fn new(
+        tokens: usize,
+        width: usize,
+        heads: usize,
+        dk: usize,
+        dv: usize,
+        dff: usize,
+    ) -> LayerConfig {
         LayerConfig {
             tokens,
             width,
@@ -100,7 +107,14 @@ impl LayerConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        let nonzero = [("tokens", self.tokens), ("width", self.width), ("heads", self.heads), ("dk", self.dk), ("dv", self.dv), ("dff", self.dff)];
+        let nonzero = [
+            ("tokens", self.tokens),
+            ("width", self.width),
+            ("heads", self.heads),
+            ("dk", self.dk),
+            ("dv", self.dv),
+            ("dff", self.dff),
+        ];
         for (arg, v) in nonzero {
             if v == 0 {
                 return Err(Error::invalid(OP, arg, "must be ≥ 1"));
@@ -108,12 +122,20 @@ impl LayerConfig {
         }
         if let Some(t) = self.task_tokens {
             if t == 0 || t > self.tokens {
-                return Err(Error::invalid(OP, "task_tokens", format!("{t} is not in 1..={}", self.tokens)));
+                return Err(Error::invalid(
+                    OP,
+                    "task_tokens",
+                    format!("{t} is not in 1..={}", self.tokens),
+                ));
             }
         }
         if let Some(m) = &self.group_map {
             if m.len() != self.tokens {
-                return Err(Error::invalid(OP, "group_map", format!("{} entries for {} tokens", m.len(), self.tokens)));
+                return Err(Error::invalid(
+                    OP,
+                    "group_map",
+                    format!("{} entries for {} tokens", m.len(), self.tokens),
+                ));
             }
         }
         Ok(())
@@ -194,7 +216,14 @@ impl LayerConfig {
     }
 
     /// y (and pre) `[B, count, out]` = act(x·Wᵀ + b) per token.
-    fn tok_forward(&self, dev: &Device, p: &TokLin<'_>, act: Activation, y: &mut Tensor, mut pre: Option<&mut Tensor>) -> Result<()> {
+    fn tok_forward(
+        &self,
+        dev: &Device,
+        p: &TokLin<'_>,
+        act: Activation,
+        y: &mut Tensor,
+        mut pre: Option<&mut Tensor>,
+    ) -> Result<()> {
         let rows = p.x.shape()[0];
         for (t, n, g) in self.runs(p.wt0, p.count) {
             let c_view = MatView::new(t * p.out, p.count * p.out, 1, p.out);
@@ -249,7 +278,15 @@ impl LayerConfig {
                 accumulate: acc,
                 c_view: MatView::new(g * p.out * p.inp, p.inp, 1, p.out * p.inp),
                 pre_view: MatView::new(g * p.out * p.inp, p.inp, 1, p.out * p.inp),
-                ..Gemm::plain(p.out, p.inp, rows, dz, dz_view, p.x, MatView::new((p.xt0 + t) * p.inp, p.x_tokens * p.inp, 1, p.inp))
+                ..Gemm::plain(
+                    p.out,
+                    p.inp,
+                    rows,
+                    dz,
+                    dz_view,
+                    p.x,
+                    MatView::new((p.xt0 + t) * p.inp, p.x_tokens * p.inp, 1, p.inp),
+                )
             };
             gw.check(OP, dw, None)?;
             backend::gemm(dev, &gw, dw, None)?;
@@ -260,7 +297,15 @@ impl LayerConfig {
                     accumulate: acc,
                     c_view: MatView::new(g * p.out, 0, 1, p.out),
                     pre_view: MatView::new(g * p.out, 0, 1, p.out),
-                    ..Gemm::plain(1, p.out, rows, ones, MatView::new(0, 0, 1, 0), dz, MatView::new(t * p.out, p.count * p.out, 1, p.out))
+                    ..Gemm::plain(
+                        1,
+                        p.out,
+                        rows,
+                        ones,
+                        MatView::new(0, 0, 1, 0),
+                        dz,
+                        MatView::new(t * p.out, p.count * p.out, 1, p.out),
+                    )
                 };
                 gb.check(OP, db, None)?;
                 backend::gemm(dev, &gb, db, None)?;
@@ -291,5 +336,560 @@ impl LayerConfig {
             }
         }
         Ok(())
+    }
+}
+
+fn normal(rng: &mut impl Rng) -> f32 {
+    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// A host-side slice of tokens `[B, L, d] → [B, count, d]` (used for the pruned residual).
+fn token_slice(x: &Tensor, t0: usize, count: usize) -> Result<Tensor> {
+    let s = x.shape();
+    let (b, l, d) = (s[0], s[1], s[2]);
+    if t0 == 0 && count == l {
+        return x.try_clone();
+    }
+    let v = x.to_f32_vec()?;
+    let out: Vec<f32> = (0..b)
+        .flat_map(|i| {
+            v[(i * l + t0) * d..(i * l + t0 + count) * d]
+                .iter()
+                .copied()
+        })
+        .collect();
+    Tensor::from_f32(&out, &[b, count, d], x.dtype(), &x.device())
+}
+
+/// The layer body shared by both layer types; `lowrank` selects the Q/K/V projection.
+struct Body<'a> {
+    cfg: &'a LayerConfig,
+    lowrank: Option<(usize, usize)>,
+}
+
+impl Body<'_> {
+    fn lr(&self) -> Option<LowRankQkv> {
+        self.lowrank.map(|(rank_qk, rank_v)| LowRankQkv {
+            tokens: self.cfg.tokens,
+            width: self.cfg.width,
+            heads: self.cfg.heads,
+            dk: self.cfg.dk,
+            dv: self.cfg.dv,
+            q_tokens: self.cfg.lq(),
+            rank_qk,
+            rank_v,
+        })
+    }
+
+    fn ln_shape(&self) -> Vec<usize> {
+        if self.cfg.per_token_ln {
+            vec![self.cfg.lq(), self.cfg.width]
+        } else {
+            vec![self.cfg.width]
+        }
+    }
+
+    fn init(&self, seed: u64, dev: &Device) -> Result<LayerParams> {
+        let c = self.cfg;
+        c.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let g = c.groups();
+        let (d, hk, hv) = (c.width, c.heads * c.dk, c.heads * c.dv);
+        let mut mat = |shape: &[usize], fan_in: usize| -> Result<Tensor> {
+            let std = (1.0 / fan_in.max(1) as f32).sqrt();
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| std * normal(&mut rng)).collect();
+            Tensor::from_f32(&v, shape, c.dtype, dev)
+        };
+        let qkv = match self.lr() {
+            None => QkvParams::PerToken {
+                wq: mat(&[g, hk, d], d)?,
+                wk: mat(&[g, hk, d], d)?,
+                wv: mat(&[g, hv, d], d)?,
+            },
+            Some(lr) => QkvParams::LowRank(QkvWeights {
+                a: mat(&[2 * lr.rank_qk + lr.rank_v, c.tokens * d], c.tokens * d)?,
+                rq: mat(&[c.lq() * hk, lr.rank_qk], lr.rank_qk)?,
+                rk: mat(&[c.tokens * hk, lr.rank_qk], lr.rank_qk)?,
+                rv: mat(&[c.tokens * hv, lr.rank_v], lr.rank_v)?,
+            }),
+        };
+        let ln = self.ln_shape();
+        Ok(LayerParams {
+            qkv,
+            wo: mat(&[g, d, hv], hv)?,
+            bo: Tensor::zeros(&[g, d], c.dtype, dev)?,
+            w1: mat(&[g, c.dff, d], d)?,
+            b1: Tensor::zeros(&[g, c.dff], c.dtype, dev)?,
+            w2: mat(&[g, d, c.dff], c.dff)?,
+            b2: Tensor::zeros(&[g, d], c.dtype, dev)?,
+            ln1_g: Tensor::full(&ln, 1.0, c.dtype, dev)?,
+            ln1_b: Tensor::zeros(&ln, c.dtype, dev)?,
+            ln2_g: Tensor::full(&ln, 1.0, c.dtype, dev)?,
+            ln2_b: Tensor::zeros(&ln, c.dtype, dev)?,
+        })
+    }
+
+    fn check(&self, op: &'static str, p: &LayerParams, dev: &Device) -> Result<()> {
+        let c = self.cfg;
+        c.validate()?;
+        let g = c.groups();
+        let (d, hk, hv) = (c.width, c.heads * c.dk, c.heads * c.dv);
+        let ln = self.ln_shape();
+        let mut want: Vec<(&'static str, &Tensor, Vec<usize>)> = vec![
+            ("wo", &p.wo, vec![g, d, hv]),
+            ("bo", &p.bo, vec![g, d]),
+            ("w1", &p.w1, vec![g, c.dff, d]),
+            ("b1", &p.b1, vec![g, c.dff]),
+            ("w2", &p.w2, vec![g, d, c.dff]),
+            ("b2", &p.b2, vec![g, d]),
+            ("ln1_g", &p.ln1_g, ln.clone()),
+            ("ln1_b", &p.ln1_b, ln.clone()),
+            ("ln2_g", &p.ln2_g, ln.clone()),
+            ("ln2_b", &p.ln2_b, ln),
+        ];
+        match (&p.qkv, self.lowrank) {
+            (QkvParams::PerToken { wq, wk, wv }, None) => {
+                want.push(("wq", wq, vec![g, hk, d]));
+                want.push(("wk", wk, vec![g, hk, d]));
+                want.push(("wv", wv, vec![g, hv, d]));
+            }
+            (QkvParams::LowRank(_), Some(_)) => {}
+            _ => {
+                return Err(Error::invalid(
+                    op,
+                    "params.qkv",
+                    "per-token weights for the heterogeneous layer, low-rank ones for Hiformer",
+                ))
+            }
+        }
+        for (arg, t, s) in want {
+            same_device(op, arg, dev, t)?;
+            if t.shape() != s.as_slice() {
+                return Err(Error::shape(op, arg, format!("{s:?}"), t.shape()));
+            }
+            if t.dtype() != c.dtype {
+                return Err(Error::DType {
+                    op,
+                    arg,
+                    expected: c.dtype.to_string(),
+                    actual: t.dtype(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        p: &LayerParams,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, LayerSaved)> {
+        let c = self.cfg;
+        let dev = x.device();
+        self.check(OP, p, &dev)?;
+        let (l, d, lq) = (c.tokens, c.width, c.lq());
+        let xs = x.shape();
+        if xs.len() != 3 || xs[1] != l || xs[2] != d {
+            return Err(Error::shape(OP, "x", format!("[B, {l}, {d}]"), xs));
+        }
+        if x.dtype() != c.dtype {
+            return Err(Error::DType {
+                op: OP,
+                arg: "x",
+                expected: c.dtype.to_string(),
+                actual: x.dtype(),
+            });
+        }
+        let b = xs[0];
+        let (h, dk, dv, dt) = (c.heads, c.dk, c.dv, c.dtype);
+        let q0 = l - lq;
+        let (q, k, v, qkv) = match &p.qkv {
+            QkvParams::PerToken { wq, wk, wv } => {
+                let proj = |w: &Tensor, t0: usize, count: usize, out: usize| -> Result<Tensor> {
+                    let mut y = Tensor::zeros(&[b, count, h, out / h], dt, &dev)?;
+                    let tl = TokLin {
+                        x,
+                        x_tokens: l,
+                        xt0: t0,
+                        wt0: t0,
+                        count,
+                        inp: d,
+                        out,
+                        w,
+                        b: None,
+                    };
+                    c.tok_forward(&dev, &tl, Activation::None, &mut y, None)?;
+                    Ok(y)
+                };
+                (
+                    proj(wq, q0, lq, h * dk)?,
+                    proj(wk, 0, l, h * dk)?,
+                    proj(wv, 0, l, h * dv)?,
+                    None,
+                )
+            }
+            QkvParams::LowRank(w) => {
+                let lr = self.lr().ok_or_else(|| {
+                    Error::invalid(OP, "params.qkv", "low-rank weights need ranks")
+                })?;
+                let out = lr.forward(x, w)?;
+                (
+                    out.q.try_clone()?,
+                    out.k.try_clone()?,
+                    out.v.try_clone()?,
+                    Some(out),
+                )
+            }
+        };
+        let att = Attention { scale: c.scale }.forward(&q, &k, &v, None, mask)?;
+        // Output projection, per query token: [B, Lq, H·dv] → [B, Lq, d].
+        let mut proj = Tensor::zeros(&[b, lq, d], dt, &dev)?;
+        let tl = TokLin {
+            x: &att.o,
+            x_tokens: lq,
+            xt0: 0,
+            wt0: q0,
+            count: lq,
+            inp: h * dv,
+            out: d,
+            w: &p.wo,
+            b: Some(&p.bo),
+        };
+        c.tok_forward(&dev, &tl, Activation::None, &mut proj, None)?;
+        let ln = LayerNorm { eps: c.eps };
+        let xq = token_slice(x, q0, lq)?;
+        let ln1 = ln.forward(&proj, Some(&xq), &p.ln1_g, &p.ln1_b)?;
+        // FFN: GELU(y·W1ᵀ + b1)·W2ᵀ + b2.
+        let mut h_act = Tensor::zeros(&[b, lq, c.dff], dt, &dev)?;
+        let mut h_pre = Tensor::zeros(&[b, lq, c.dff], dt, &dev)?;
+        let tl = TokLin {
+            x: &ln1.y,
+            x_tokens: lq,
+            xt0: 0,
+            wt0: q0,
+            count: lq,
+            inp: d,
+            out: c.dff,
+            w: &p.w1,
+            b: Some(&p.b1),
+        };
+        c.tok_forward(&dev, &tl, Activation::Gelu, &mut h_act, Some(&mut h_pre))?;
+        let mut f = Tensor::zeros(&[b, lq, d], dt, &dev)?;
+        let tl = TokLin {
+            x: &h_act,
+            x_tokens: lq,
+            xt0: 0,
+            wt0: q0,
+            count: lq,
+            inp: c.dff,
+            out: d,
+            w: &p.w2,
+            b: Some(&p.b2),
+        };
+        c.tok_forward(&dev, &tl, Activation::None, &mut f, None)?;
+        let ln2 = ln.forward(&f, Some(&ln1.y), &p.ln2_g, &p.ln2_b)?;
+        let z = ln2.y.try_clone()?;
+        let mask = mask.map(|m| m.try_clone()).transpose()?;
+        Ok((
+            z,
+            LayerSaved {
+                x: x.try_clone()?,
+                qkv,
+                q,
+                k,
+                v,
+                att,
+                ln1,
+                h_pre,
+                h: h_act,
+                ln2,
+                mask,
+            },
+        ))
+    }
+
+    fn backward(
+        &self,
+        p: &LayerParams,
+        s: &LayerSaved,
+        dz: &Tensor,
+    ) -> Result<(Tensor, LayerParams)> {
+        const OP_B: &str = "hiformer_backward";
+        let c = self.cfg;
+        let dev = s.x.device();
+        self.check(OP_B, p, &dev)?;
+        let (l, d, lq) = (c.tokens, c.width, c.lq());
+        let b = s.x.shape()[0];
+        if dz.shape() != [b, lq, d] {
+            return Err(Error::shape(
+                OP_B,
+                "dz",
+                format!("[{b}, {lq}, {d}]"),
+                dz.shape(),
+            ));
+        }
+        let (h, dk, dv, dt) = (c.heads, c.dk, c.dv, c.dtype);
+        let q0 = l - lq;
+        let ones = Tensor::full(&[b], 1.0, dt, &dev)?;
+        let zeros_like = |t: &Tensor| Tensor::zeros(t.shape(), t.dtype(), &dev);
+        let ln = LayerNorm { eps: c.eps };
+        // LN2: d2 is the gradient of both y (residual) and f.
+        let g2 = ln.backward(&p.ln2_g, &p.ln2_b, &s.ln2, dz)?;
+        let mut dw2 = zeros_like(&p.w2)?;
+        let mut db2 = zeros_like(&p.b2)?;
+        let mut dh = Tensor::zeros(&[b, lq, c.dff], DType::F32, &dev)?;
+        let tl = TokLin {
+            x: &s.h,
+            x_tokens: lq,
+            xt0: 0,
+            wt0: q0,
+            count: lq,
+            inp: c.dff,
+            out: d,
+            w: &p.w2,
+            b: None,
+        };
+        c.tok_backward(
+            &dev,
+            &tl,
+            &g2.dx,
+            &ones,
+            &mut dw2,
+            Some(&mut db2),
+            Some(&mut dh),
+            false,
+        )?;
+        let mut dh_pre = Tensor::zeros(&[b, lq, c.dff], dt, &dev)?;
+        backend::act_backward(&dev, &dh, Some(&s.h_pre), Activation::Gelu, &mut dh_pre)?;
+        let mut dw1 = zeros_like(&p.w1)?;
+        let mut db1 = zeros_like(&p.b1)?;
+        let mut dy = Tensor::zeros(&[b, lq, d], DType::F32, &dev)?;
+        let tl = TokLin {
+            x: &s.ln1.y,
+            x_tokens: lq,
+            xt0: 0,
+            wt0: q0,
+            count: lq,
+            inp: d,
+            out: c.dff,
+            w: &p.w1,
+            b: None,
+        };
+        c.tok_backward(
+            &dev,
+            &tl,
+            &dh_pre,
+            &ones,
+            &mut dw1,
+            Some(&mut db1),
+            Some(&mut dy),
+            false,
+        )?;
+        let mut dy_total = Tensor::zeros(&[b, lq, d], dt, &dev)?;
+        backend::add(&dev, &dy, Some(&g2.dx), &mut dy_total)?;
+        // LN1: d1 is the gradient of the query tokens' residual and of the projection.
+        let g1 = ln.backward(&p.ln1_g, &p.ln1_b, &s.ln1, &dy_total)?;
+        let mut dwo = zeros_like(&p.wo)?;
+        let mut dbo = zeros_like(&p.bo)?;
+        let mut d_o = Tensor::zeros(&[b, lq, h, dv], DType::F32, &dev)?;
+        let tl = TokLin {
+            x: &s.att.o,
+            x_tokens: lq,
+            xt0: 0,
+            wt0: q0,
+            count: lq,
+            inp: h * dv,
+            out: d,
+            w: &p.wo,
+            b: None,
+        };
+        c.tok_backward(
+            &dev,
+            &tl,
+            &g1.dx,
+            &ones,
+            &mut dwo,
+            Some(&mut dbo),
+            Some(&mut d_o),
+            false,
+        )?;
+        let d_o = d_o.to_dtype(dt)?;
+        let ga = Attention { scale: c.scale }.backward(
+            &s.q,
+            &s.k,
+            &s.v,
+            None,
+            s.mask.as_ref(),
+            &s.att,
+            &d_o,
+        )?;
+        // Q/K/V projections.
+        let mut dx = Tensor::zeros(&[b, l, d], DType::F32, &dev)?;
+        let qkv = match (&p.qkv, &s.qkv) {
+            (QkvParams::PerToken { wq, wk, wv }, _) => {
+                let mut grads = Vec::new();
+                for (w, t0, count, out, dtn) in [
+                    (wq, q0, lq, h * dk, &ga.dq),
+                    (wk, 0, l, h * dk, &ga.dk),
+                    (wv, 0, l, h * dv, &ga.dv),
+                ] {
+                    let mut dw = zeros_like(w)?;
+                    let tl = TokLin {
+                        x: &s.x,
+                        x_tokens: l,
+                        xt0: t0,
+                        wt0: t0,
+                        count,
+                        inp: d,
+                        out,
+                        w,
+                        b: None,
+                    };
+                    c.tok_backward(&dev, &tl, dtn, &ones, &mut dw, None, Some(&mut dx), false)?;
+                    grads.push(dw);
+                }
+                let wv = grads
+                    .pop()
+                    .ok_or_else(|| Error::invalid(OP_B, "wv", "missing"))?;
+                let wk = grads
+                    .pop()
+                    .ok_or_else(|| Error::invalid(OP_B, "wk", "missing"))?;
+                let wq = grads
+                    .pop()
+                    .ok_or_else(|| Error::invalid(OP_B, "wq", "missing"))?;
+                QkvParams::PerToken { wq, wk, wv }
+            }
+            (QkvParams::LowRank(w), Some(out)) => {
+                let lr = self.lr().ok_or_else(|| {
+                    Error::invalid(OP_B, "params.qkv", "low-rank weights need ranks")
+                })?;
+                let mut g = QkvWeights {
+                    a: zeros_like(&w.a)?,
+                    rq: zeros_like(&w.rq)?,
+                    rk: zeros_like(&w.rk)?,
+                    rv: zeros_like(&w.rv)?,
+                };
+                let dxp = lr.backward(&s.x, w, out, &ga.dq, &ga.dk, &ga.dv, &mut g, false)?;
+                let mut acc = Tensor::zeros(&[b, l, d], DType::F32, &dev)?;
+                backend::add(&dev, &dx, Some(&dxp), &mut acc)?;
+                dx = acc;
+                QkvParams::LowRank(g)
+            }
+            (QkvParams::LowRank(_), None) => {
+                return Err(Error::invalid(
+                    OP_B,
+                    "saved",
+                    "missing the low-rank intermediates",
+                ))
+            }
+        };
+        // The residual: the query tokens' rows gain d1.
+        let mut dxv = dx.to_f32_vec()?;
+        let d1 = g1.dx.to_f32_vec()?;
+        for i in 0..b {
+            for t in 0..lq {
+                for e in 0..d {
+                    dxv[(i * l + q0 + t) * d + e] += d1[(i * lq + t) * d + e];
+                }
+            }
+        }
+        let dx = Tensor::from_f32(&dxv, &[b, l, d], dt, &dev)?;
+        Ok((
+            dx,
+            LayerParams {
+                qkv,
+                wo: dwo,
+                bo: dbo,
+                w1: dw1,
+                b1: db1,
+                w2: dw2,
+                b2: db2,
+                ln1_g: g1.dgamma,
+                ln1_b: g1.dbeta,
+                ln2_g: g2.dgamma,
+                ln2_b: g2.dbeta,
+            },
+        ))
+    }
+}
+
+/// The heterogeneous attention layer: per-token Q/K/V projections.
+#[derive(Clone, Debug)]
+pub struct HeteroAttentionLayer {
+    pub cfg: LayerConfig,
+}
+
+/// The Hiformer layer: Q/K/V from the low-rank composite projection of all tokens.
+#[derive(Clone, Debug)]
+pub struct HiformerLayer {
+    pub cfg: LayerConfig,
+    /// r_q = r_k.
+    pub rank_qk: usize,
+    pub rank_v: usize,
+}
+
+impl HeteroAttentionLayer {
+    fn body(&self) -> Body<'_> {
+        Body {
+            cfg: &self.cfg,
+            lowrank: None,
+        }
+    }
+    /// Random weights (fan-in scaled normal, zero biases, unit LayerNorm gains).
+    pub fn init(&self, seed: u64, dev: &Device) -> Result<LayerParams> {
+        self.body().init(seed, dev)
+    }
+    /// Forward over `x: [B, L, d]` (optional key mask `[B, L]`): `z: [B, L_q, d]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        params: &LayerParams,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, LayerSaved)> {
+        self.body().forward(x, params, mask)
+    }
+    /// Backward from `dz`: `dx: [B, L, d]` and the parameter gradients.
+    pub fn backward(
+        &self,
+        params: &LayerParams,
+        saved: &LayerSaved,
+        dz: &Tensor,
+    ) -> Result<(Tensor, LayerParams)> {
+        self.body().backward(params, saved, dz)
+    }
+}
+
+impl HiformerLayer {
+    fn body(&self) -> Body<'_> {
+        Body {
+            cfg: &self.cfg,
+            lowrank: Some((self.rank_qk, self.rank_v)),
+        }
+    }
+    /// Random weights (fan-in scaled normal, zero biases, unit LayerNorm gains).
+    pub fn init(&self, seed: u64, dev: &Device) -> Result<LayerParams> {
+        self.body().init(seed, dev)
+    }
+    /// Forward over `x: [B, L, d]` (optional key mask `[B, L]`): `z: [B, L_q, d]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        params: &LayerParams,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, LayerSaved)> {
+        self.body().forward(x, params, mask)
+    }
+    /// Backward from `dz`: `dx: [B, L, d]` and the parameter gradients.
+    pub fn backward(
+        &self,
+        params: &LayerParams,
+        saved: &LayerSaved,
+        dz: &Tensor,
+    ) -> Result<(Tensor, LayerParams)> {
+        self.body().backward(params, saved, dz)
     }
 }

@@ -89,7 +89,11 @@ impl LowRankQkv {
     fn check(&self, op: &'static str, x: &Tensor, w: &QkvWeights) -> Result<usize> {
         let (l, d) = (self.tokens, self.width);
         if self.q_tokens > l || self.q_tokens == 0 {
-            return Err(Error::invalid(op, "q_tokens", format!("{} is not in 1..={l}", self.q_tokens)));
+            return Err(Error::invalid(
+                op,
+                "q_tokens",
+                format!("{} is not in 1..={l}", self.q_tokens),
+            ));
         }
         let xs = x.shape();
         if xs.len() != 3 || xs[1] != l || xs[2] != d {
@@ -102,7 +106,12 @@ impl LowRankQkv {
                 return Err(Error::shape(op, arg, format!("{s:?}"), t.shape()));
             }
             if t.dtype() != x.dtype() {
-                return Err(Error::DType { op, arg, expected: x.dtype().to_string(), actual: t.dtype() });
+                return Err(Error::DType {
+                    op,
+                    arg,
+                    expected: x.dtype().to_string(),
+                    actual: t.dtype(),
+                });
             }
             Ok(())
         };
@@ -120,7 +129,15 @@ impl LowRankQkv {
         let dev = x.device();
         let (ld, rt) = (self.tokens * self.width, self.r_total());
         let mut z = Tensor::zeros(&[b, rt], x.dtype(), &dev)?;
-        let g = Gemm::plain(b, rt, ld, x, MatView::new(0, ld, 1, 0), &w.a, MatView::new(0, 1, ld, 0));
+        let g = Gemm::plain(
+            b,
+            rt,
+            ld,
+            x,
+            MatView::new(0, ld, 1, 0),
+            &w.a,
+            MatView::new(0, 1, ld, 0),
+        );
         g.check(OP, &z, None)?;
         backend::gemm(&dev, &g, &mut z, None)?;
         let shapes = [
@@ -129,16 +146,34 @@ impl LowRankQkv {
             [b, self.tokens, self.heads, self.dv],
         ];
         let mut outs = Vec::with_capacity(3);
-        for ((n, r, off), (rm, shape)) in self.parts().into_iter().zip([&w.rq, &w.rk, &w.rv].into_iter().zip(shapes)) {
+        for ((n, r, off), (rm, shape)) in self
+            .parts()
+            .into_iter()
+            .zip([&w.rq, &w.rk, &w.rv].into_iter().zip(shapes))
+        {
             let mut t = Tensor::zeros(&shape, x.dtype(), &dev)?;
-            let g = Gemm::plain(b, n, r, &z, MatView::new(off, rt, 1, 0), rm, MatView::new(0, 1, r, 0));
+            let g = Gemm::plain(
+                b,
+                n,
+                r,
+                &z,
+                MatView::new(off, rt, 1, 0),
+                rm,
+                MatView::new(0, 1, r, 0),
+            );
             g.check(OP, &t, None)?;
             backend::gemm(&dev, &g, &mut t, None)?;
             outs.push(t);
         }
-        let v = outs.pop().ok_or_else(|| Error::invalid(OP, "v", "missing"))?;
-        let k = outs.pop().ok_or_else(|| Error::invalid(OP, "k", "missing"))?;
-        let q = outs.pop().ok_or_else(|| Error::invalid(OP, "q", "missing"))?;
+        let v = outs
+            .pop()
+            .ok_or_else(|| Error::invalid(OP, "v", "missing"))?;
+        let k = outs
+            .pop()
+            .ok_or_else(|| Error::invalid(OP, "k", "missing"))?;
+        let q = outs
+            .pop()
+            .ok_or_else(|| Error::invalid(OP, "q", "missing"))?;
         Ok(QkvOut { q, k, v, z })
     }
 
@@ -160,7 +195,11 @@ impl LowRankQkv {
         let b = self.check(OP_B, x, w)?;
         self.check(OP_B, x, grads)?;
         let dev = x.device();
-        for (arg, t, s) in [("dq", dq, out.q.shape()), ("dk", dk, out.k.shape()), ("dv", dv, out.v.shape())] {
+        for (arg, t, s) in [
+            ("dq", dq, out.q.shape()),
+            ("dk", dk, out.k.shape()),
+            ("dv", dv, out.v.shape()),
+        ] {
             same_device(OP_B, arg, &dev, t)?;
             if t.shape() != s {
                 return Err(Error::shape(OP_B, arg, format!("{s:?}"), t.shape()));
@@ -170,11 +209,24 @@ impl LowRankQkv {
         // dZ in f32: its three column blocks are written by three GEMMs, then feed two more.
         let mut dz = Tensor::zeros(&[b, rt], DType::F32, &dev)?;
         let gm = [&mut grads.rq, &mut grads.rk, &mut grads.rv];
-        for (((n, r, off), (rm, gr)), dt) in self.parts().into_iter().zip([&w.rq, &w.rk, &w.rv].into_iter().zip(gm)).zip([dq, dk, dv]) {
+        for (((n, r, off), (rm, gr)), dt) in self
+            .parts()
+            .into_iter()
+            .zip([&w.rq, &w.rk, &w.rv].into_iter().zip(gm))
+            .zip([dq, dk, dv])
+        {
             // dR = dTᵀ·Z_T: [n, r], the batch is the reduction.
             let g = Gemm {
                 accumulate,
-                ..Gemm::plain(n, r, b, dt, MatView::new(0, 1, n, 0), &out.z, MatView::new(off, rt, 1, 0))
+                ..Gemm::plain(
+                    n,
+                    r,
+                    b,
+                    dt,
+                    MatView::new(0, 1, n, 0),
+                    &out.z,
+                    MatView::new(off, rt, 1, 0),
+                )
             };
             g.check(OP_B, gr, None)?;
             backend::gemm(&dev, &g, gr, None)?;
@@ -182,7 +234,15 @@ impl LowRankQkv {
             let g = Gemm {
                 c_view: MatView::new(off, rt, 1, 0),
                 pre_view: MatView::new(off, rt, 1, 0),
-                ..Gemm::plain(b, r, n, dt, MatView::new(0, n, 1, 0), rm, MatView::new(0, r, 1, 0))
+                ..Gemm::plain(
+                    b,
+                    r,
+                    n,
+                    dt,
+                    MatView::new(0, n, 1, 0),
+                    rm,
+                    MatView::new(0, r, 1, 0),
+                )
             };
             g.check(OP_B, &dz, None)?;
             backend::gemm(&dev, &g, &mut dz, None)?;
@@ -190,13 +250,29 @@ impl LowRankQkv {
         // dA = dZᵀ·x̄: [rt, L·d].
         let g = Gemm {
             accumulate,
-            ..Gemm::plain(rt, ld, b, &dz, MatView::new(0, 1, rt, 0), x, MatView::new(0, ld, 1, 0))
+            ..Gemm::plain(
+                rt,
+                ld,
+                b,
+                &dz,
+                MatView::new(0, 1, rt, 0),
+                x,
+                MatView::new(0, ld, 1, 0),
+            )
         };
         g.check(OP_B, &grads.a, None)?;
         backend::gemm(&dev, &g, &mut grads.a, None)?;
         // dx̄ = dZ·A.
         let mut dx = Tensor::zeros(x.shape(), x.dtype(), &dev)?;
-        let g = Gemm::plain(b, ld, rt, &dz, MatView::new(0, rt, 1, 0), &w.a, MatView::new(0, ld, 1, 0));
+        let g = Gemm::plain(
+            b,
+            ld,
+            rt,
+            &dz,
+            MatView::new(0, rt, 1, 0),
+            &w.a,
+            MatView::new(0, ld, 1, 0),
+        );
         g.check(OP_B, &dx, None)?;
         backend::gemm(&dev, &g, &mut dx, None)?;
         Ok(dx)
