@@ -159,3 +159,94 @@ pub(crate) fn backward(
     });
     (dq, dkk, dvv, dbias)
 }
+
+/// The seam entry points: widen the tensors once, run the f32 kernels, store in each output's
+/// dtype.
+mod seam {
+    use super::Attn;
+    use crate::error::Result;
+    use crate::ops::attention::AttnArgs;
+    use crate::tensor::Tensor;
+
+    fn store(out: &mut Tensor, v: &[f32]) -> Result<()> {
+        *out = Tensor::from_f32(v, out.shape(), out.dtype(), &out.device())?;
+        Ok(())
+    }
+
+    struct Host {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        mask: Option<Vec<bool>>,
+    }
+
+    fn host(a: &AttnArgs<'_>) -> Result<Host> {
+        Ok(Host {
+            q: a.q.to_f32_vec()?,
+            k: a.k.to_f32_vec()?,
+            v: a.v.to_f32_vec()?,
+            bias: a.bias.map(|t| t.to_f32_vec()).transpose()?,
+            mask: a
+                .mask
+                .map(|t| {
+                    t.to_f32_vec()
+                        .map(|m| m.iter().map(|&x| x != 0.0).collect())
+                })
+                .transpose()?,
+        })
+    }
+
+    fn attn<'a>(a: &AttnArgs<'_>, h: &'a Host) -> Attn<'a> {
+        Attn {
+            b: a.b,
+            lq: a.lq,
+            l: a.l,
+            h: a.h,
+            dk: a.dk,
+            dv: a.dv,
+            scale: a.scale,
+            q: &h.q,
+            k: &h.k,
+            v: &h.v,
+            bias: h.bias.as_deref(),
+            mask: h.mask.as_deref(),
+        }
+    }
+
+    pub(crate) fn forward(a: &AttnArgs<'_>, o: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+        let h = host(a)?;
+        let (ov, lv) = super::forward(&attn(a, &h));
+        store(o, &ov)?;
+        store(lse, &lv)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        a: &AttnArgs<'_>,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+        dq: &mut Tensor,
+        dk: &mut Tensor,
+        dv: &mut Tensor,
+        dbias: Option<&mut Tensor>,
+    ) -> Result<()> {
+        let h = host(a)?;
+        let (gq, gk, gv, gb) = super::backward(
+            &attn(a, &h),
+            &o.to_f32_vec()?,
+            &lse.to_f32_vec()?,
+            &d_o.to_f32_vec()?,
+        );
+        store(dq, &gq)?;
+        store(dk, &gk)?;
+        store(dv, &gv)?;
+        if let (Some(t), Some(v)) = (dbias, gb) {
+            store(t, &v)?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) use seam::{backward as backward_t, forward as forward_t};

@@ -85,3 +85,62 @@ pub(crate) fn backward(
         });
     (dx, dgamma, dbeta)
 }
+
+fn store(out: &mut crate::tensor::Tensor, v: &[f32]) -> crate::error::Result<()> {
+    *out = crate::tensor::Tensor::from_f32(v, out.shape(), out.dtype(), &out.device())?;
+    Ok(())
+}
+
+/// Seam entry point of the forward (see `ops::backend::layernorm_forward`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_t(
+    x: &crate::tensor::Tensor,
+    gamma: &crate::tensor::Tensor,
+    beta: &crate::tensor::Tensor,
+    tokens: usize,
+    eps: f32,
+    y: &mut crate::tensor::Tensor,
+    mean: &mut crate::tensor::Tensor,
+    rstd: &mut crate::tensor::Tensor,
+) -> crate::error::Result<()> {
+    let d = *x.shape().last().unwrap_or(&1);
+    let (yv, m, r) = forward(
+        d,
+        tokens,
+        eps,
+        &x.to_f32_vec()?,
+        &gamma.to_f32_vec()?,
+        &beta.to_f32_vec()?,
+    );
+    store(y, &yv)?;
+    store(mean, &m)?;
+    store(rstd, &r)
+}
+
+/// Seam entry point of the backward (see `ops::backend::layernorm_backward`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_t(
+    x: &crate::tensor::Tensor,
+    gamma: &crate::tensor::Tensor,
+    mean: &crate::tensor::Tensor,
+    rstd: &crate::tensor::Tensor,
+    dy: &crate::tensor::Tensor,
+    tokens: usize,
+    dx: &mut crate::tensor::Tensor,
+    dgamma: &mut crate::tensor::Tensor,
+    dbeta: &mut crate::tensor::Tensor,
+) -> crate::error::Result<()> {
+    let d = *x.shape().last().unwrap_or(&1);
+    let (gx, gg, gb) = backward(
+        d,
+        tokens,
+        &x.to_f32_vec()?,
+        &gamma.to_f32_vec()?,
+        &mean.to_f32_vec()?,
+        &rstd.to_f32_vec()?,
+        &dy.to_f32_vec()?,
+    );
+    store(dx, &gx)?;
+    store(dgamma, &gg)?;
+    store(dbeta, &gb)
+}

@@ -13,9 +13,11 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
 
 use crate::error::{Error, Result};
 
+pub(crate) mod attention;
 pub(crate) mod gemm;
 mod kernels;
 mod launch;
+pub(crate) mod layernorm;
 mod module_cache;
 mod nvrtc;
 

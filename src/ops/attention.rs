@@ -21,11 +21,9 @@
 //! # Ok::<(), recfuse::Error>(())
 //! ```
 
-use crate::cpu::attention::{self as cpu, Attn};
-use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::backend::same_device;
+use crate::ops::backend::{self, same_device};
 use crate::tensor::Tensor;
 
 const OP: &str = "attention";
@@ -121,13 +119,6 @@ fn dims(
             return Err(Error::shape(OP, "mask", format!("[{b}, {l}]"), m.shape()));
         }
     }
-    if dev != Device::Cpu {
-        return Err(Error::Unsupported {
-            op: OP,
-            backend: dev.backend(),
-            what: "the attention-core kernels exist on the CPU only so far".into(),
-        });
-    }
     Ok(Dims {
         b,
         lq,
@@ -138,38 +129,35 @@ fn dims(
     })
 }
 
-struct Host {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    mask: Option<Vec<bool>>,
+/// One validated attention call, as the backends see it.
+pub(crate) struct AttnArgs<'a> {
+    pub b: usize,
+    pub lq: usize,
+    pub l: usize,
+    pub h: usize,
+    pub dk: usize,
+    pub dv: usize,
+    pub scale: f32,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// `[h, lq, l]`.
+    pub bias: Option<&'a Tensor>,
+    /// `[b, l]`, non-zero = valid key.
+    pub mask: Option<&'a Tensor>,
 }
 
 impl Attention {
-    fn host(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        bias: Option<&Tensor>,
-        mask: Option<&Tensor>,
-    ) -> Result<Host> {
-        Ok(Host {
-            q: q.to_f32_vec()?,
-            k: k.to_f32_vec()?,
-            v: v.to_f32_vec()?,
-            bias: bias.map(|t| t.to_f32_vec()).transpose()?,
-            mask: mask
-                .map(|t| {
-                    t.to_f32_vec()
-                        .map(|m| m.iter().map(|&x| x != 0.0).collect())
-                })
-                .transpose()?,
-        })
-    }
-
-    fn attn<'a>(&self, d: &Dims, h: &'a Host) -> Attn<'a> {
-        Attn {
+    fn args<'a>(
+        &self,
+        d: &Dims,
+        q: &'a Tensor,
+        k: &'a Tensor,
+        v: &'a Tensor,
+        bias: Option<&'a Tensor>,
+        mask: Option<&'a Tensor>,
+    ) -> AttnArgs<'a> {
+        AttnArgs {
             b: d.b,
             lq: d.lq,
             l: d.l,
@@ -177,11 +165,11 @@ impl Attention {
             dk: d.dk,
             dv: d.dv,
             scale: self.scale.unwrap_or(1.0 / (d.dk.max(1) as f32).sqrt()),
-            q: &h.q,
-            k: &h.k,
-            v: &h.v,
-            bias: h.bias.as_deref(),
-            mask: h.mask.as_deref(),
+            q,
+            k,
+            v,
+            bias,
+            mask,
         }
     }
 
@@ -195,13 +183,20 @@ impl Attention {
         mask: Option<&Tensor>,
     ) -> Result<AttentionForward> {
         let d = dims(q, k, v, bias, mask)?;
-        let host = Self::host(q, k, v, bias, mask)?;
-        let (o, lse) = cpu::forward(&self.attn(&d, &host));
         let dev = q.device();
-        Ok(AttentionForward {
-            o: Tensor::from_f32(&o, &[d.b, d.lq, d.h, d.dv], q.dtype(), &dev)?,
-            lse: Tensor::from_f32(&lse, &[d.b, d.h, d.lq], DType::F32, &dev)?,
-        })
+        let mut out = AttentionForward {
+            o: Tensor::zeros(&[d.b, d.lq, d.h, d.dv], q.dtype(), &dev)?,
+            lse: Tensor::zeros(&[d.b, d.h, d.lq], DType::F32, &dev)?,
+        };
+        if d.b * d.lq * d.h > 0 {
+            backend::attention_forward(
+                &dev,
+                &self.args(&d, q, k, v, bias, mask),
+                &mut out.o,
+                &mut out.lse,
+            )?;
+        }
+        Ok(out)
     }
 
     /// Backward from dO.
@@ -233,22 +228,30 @@ impl Attention {
                 fwd.lse.shape(),
             ));
         }
-        let host = Self::host(q, k, v, bias, mask)?;
-        let (dq, dk, dv, db) = cpu::backward(
-            &self.attn(&d, &host),
-            &fwd.o.to_f32_vec()?,
-            &fwd.lse.to_f32_vec()?,
-            &d_o.to_f32_vec()?,
-        );
         let dev = q.device();
-        Ok(AttentionGrads {
-            dq: Tensor::from_f32(&dq, q.shape(), q.dtype(), &dev)?,
-            dk: Tensor::from_f32(&dk, k.shape(), k.dtype(), &dev)?,
-            dv: Tensor::from_f32(&dv, v.shape(), v.dtype(), &dev)?,
-            dbias: match (db, bias) {
-                (Some(db), Some(bi)) => Some(Tensor::from_f32(&db, bi.shape(), bi.dtype(), &dev)?),
-                _ => None,
-            },
-        })
+        same_device(OP, "d_o", &dev, d_o)?;
+        let mut g = AttentionGrads {
+            dq: Tensor::zeros(q.shape(), q.dtype(), &dev)?,
+            dk: Tensor::zeros(k.shape(), k.dtype(), &dev)?,
+            dv: Tensor::zeros(v.shape(), v.dtype(), &dev)?,
+            dbias: bias
+                .map(|bi| Tensor::zeros(bi.shape(), bi.dtype(), &dev))
+                .transpose()?,
+        };
+        if d.b * d.lq * d.h > 0 {
+            let args = self.args(&d, q, k, v, bias, mask);
+            backend::attention_backward(
+                &dev,
+                &args,
+                &fwd.o,
+                &fwd.lse,
+                d_o,
+                &mut g.dq,
+                &mut g.dk,
+                &mut g.dv,
+                g.dbias.as_mut(),
+            )?;
+        }
+        Ok(g)
     }
 }

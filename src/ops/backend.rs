@@ -125,3 +125,96 @@ pub(crate) fn add(dev: &Device, a: &Tensor, b: Option<&Tensor>, out: &mut Tensor
         Device::Wgpu(d) => crate::wgpu::gemm::add(d, a, b, out),
     }
 }
+
+/// The attention core's forward: O and LSE (see `ops::attention`).
+pub(crate) fn attention_forward(
+    dev: &Device,
+    a: &crate::ops::attention::AttnArgs<'_>,
+    o: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::attention::forward_t(a, o, lse),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::attention::forward(d, a, o, lse),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::attention::forward(d, a, o, lse),
+    }
+}
+
+/// The attention core's backward: dQ, dK, dV (and d bias), P recomputed from LSE.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    dev: &Device,
+    a: &crate::ops::attention::AttnArgs<'_>,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    dq: &mut Tensor,
+    dk: &mut Tensor,
+    dv: &mut Tensor,
+    dbias: Option<&mut Tensor>,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::attention::backward_t(a, o, lse, d_o, dq, dk, dv, dbias),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::attention::backward(d, a, o, lse, d_o, dq, dk, dv, dbias),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::attention::backward(d, a, o, lse, d_o, dq, dk, dv, dbias),
+    }
+}
+
+/// LayerNorm forward over rows of `x` (already x + residual): y, row mean and 1/σ (f32).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layernorm_forward(
+    dev: &Device,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    tokens: usize,
+    eps: f32,
+    y: &mut Tensor,
+    mean: &mut Tensor,
+    rstd: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::layernorm::forward_t(x, gamma, beta, tokens, eps, y, mean, rstd),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            crate::cuda::layernorm::forward(d, x, gamma, beta, tokens, eps, y, mean, rstd)
+        }
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => {
+            crate::wgpu::layernorm::forward(d, x, gamma, beta, tokens, eps, y, mean, rstd)
+        }
+    }
+}
+
+/// LayerNorm backward: dx, and dγ, dβ summed over rows in a fixed order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layernorm_backward(
+    dev: &Device,
+    x: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    tokens: usize,
+    dx: &mut Tensor,
+    dgamma: &mut Tensor,
+    dbeta: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => {
+            crate::cpu::layernorm::backward_t(x, gamma, mean, rstd, dy, tokens, dx, dgamma, dbeta)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            crate::cuda::layernorm::backward(d, x, gamma, mean, rstd, dy, tokens, dx, dgamma, dbeta)
+        }
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => {
+            crate::wgpu::layernorm::backward(d, x, gamma, mean, rstd, dy, tokens, dx, dgamma, dbeta)
+        }
+    }
+}

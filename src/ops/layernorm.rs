@@ -16,7 +16,6 @@
 //! # Ok::<(), recfuse::Error>(())
 //! ```
 
-use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::backend::same_device;
@@ -87,13 +86,6 @@ fn tokens_of(
     let dev = x.device();
     same_device(op, "gamma", &dev, gamma)?;
     same_device(op, "beta", &dev, beta)?;
-    if dev != Device::Cpu {
-        return Err(Error::Unsupported {
-            op,
-            backend: dev.backend(),
-            what: "the LayerNorm kernels exist on the CPU only so far".into(),
-        });
-    }
     Ok((d, tokens))
 }
 
@@ -118,31 +110,32 @@ impl LayerNorm {
                 ));
             }
         }
-        // x + r is rounded to x's dtype first (as a framework materialises it), so the saved
-        // input and the statistics computed from it agree bit for bit in backward.
+        // x + r is materialised in x's dtype first (as a framework would), so the saved input
+        // and the statistics computed from it agree bit for bit in backward.
         let dev = x.device();
-        let mut sum = x.to_f32_vec()?;
-        if let Some(r) = residual {
-            sum.iter_mut()
-                .zip(r.to_f32_vec()?)
-                .for_each(|(a, b)| *a += b);
-        }
-        let input = Tensor::from_f32(&sum, x.shape(), x.dtype(), &dev)?;
-        let (y, mean, rstd) = crate::cpu::layernorm::forward(
-            d,
-            tokens,
-            self.eps,
-            &input.to_f32_vec()?,
-            &gamma.to_f32_vec()?,
-            &beta.to_f32_vec()?,
-        );
-        let rows = mean.len();
-        Ok(LayerNormForward {
-            y: Tensor::from_f32(&y, x.shape(), x.dtype(), &dev)?,
+        let mut input = Tensor::zeros(x.shape(), x.dtype(), &dev)?;
+        crate::ops::backend::add(&dev, x, residual, &mut input)?;
+        let rows = x.numel() / d.max(1);
+        let mut out = LayerNormForward {
+            y: Tensor::zeros(x.shape(), x.dtype(), &dev)?,
             input,
-            mean: Tensor::from_f32(&mean, &[rows], DType::F32, &dev)?,
-            rstd: Tensor::from_f32(&rstd, &[rows], DType::F32, &dev)?,
-        })
+            mean: Tensor::zeros(&[rows], DType::F32, &dev)?,
+            rstd: Tensor::zeros(&[rows], DType::F32, &dev)?,
+        };
+        if rows > 0 {
+            crate::ops::backend::layernorm_forward(
+                &dev,
+                &out.input,
+                gamma,
+                beta,
+                tokens,
+                self.eps,
+                &mut out.y,
+                &mut out.mean,
+                &mut out.rstd,
+            )?;
+        }
+        Ok(out)
     }
 
     /// Backward from dy.
@@ -153,7 +146,7 @@ impl LayerNorm {
         fwd: &LayerNormForward,
         dy: &Tensor,
     ) -> Result<LayerNormGrads> {
-        let (d, tokens) = tokens_of("layernorm_backward", &fwd.input, gamma, beta)?;
+        let (_, tokens) = tokens_of("layernorm_backward", &fwd.input, gamma, beta)?;
         if dy.shape() != fwd.input.shape() {
             return Err(Error::shape(
                 "layernorm_backward",
@@ -162,20 +155,27 @@ impl LayerNorm {
                 dy.shape(),
             ));
         }
-        let (dx, dg, db) = crate::cpu::layernorm::backward(
-            d,
-            tokens,
-            &fwd.input.to_f32_vec()?,
-            &gamma.to_f32_vec()?,
-            &fwd.mean.to_f32_vec()?,
-            &fwd.rstd.to_f32_vec()?,
-            &dy.to_f32_vec()?,
-        );
         let dev = dy.device();
-        Ok(LayerNormGrads {
-            dx: Tensor::from_f32(&dx, dy.shape(), dy.dtype(), &dev)?,
-            dgamma: Tensor::from_f32(&dg, gamma.shape(), gamma.dtype(), &dev)?,
-            dbeta: Tensor::from_f32(&db, beta.shape(), beta.dtype(), &dev)?,
-        })
+        same_device("layernorm_backward", "dy", &dev, dy)?;
+        let mut g = LayerNormGrads {
+            dx: Tensor::zeros(dy.shape(), dy.dtype(), &dev)?,
+            dgamma: Tensor::zeros(gamma.shape(), gamma.dtype(), &dev)?,
+            dbeta: Tensor::zeros(beta.shape(), beta.dtype(), &dev)?,
+        };
+        if dy.numel() > 0 {
+            crate::ops::backend::layernorm_backward(
+                &dev,
+                &fwd.input,
+                gamma,
+                &fwd.mean,
+                &fwd.rstd,
+                dy,
+                tokens,
+                &mut g.dx,
+                &mut g.dgamma,
+                &mut g.dbeta,
+            )?;
+        }
+        Ok(g)
     }
 }

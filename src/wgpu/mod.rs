@@ -12,8 +12,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use crate::device::WgpuOptions;
 use crate::error::{Error, Result};
 
+pub(crate) mod attention;
 mod buffers;
 pub(crate) mod gemm;
+pub(crate) mod layernorm;
 mod pipelines;
 
 const BACKEND: &str = "wgpu";
