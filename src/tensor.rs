@@ -269,25 +269,27 @@ impl Tensor {
         Self::from_bytes(&self.to_bytes()?, self.dtype, &self.shape, device)
     }
 
-    /// A deep copy on the same device.
+    /// A deep copy on the same device (a device-side copy on the GPUs).
     pub fn try_clone(&self) -> Result<Tensor> {
+        self.to_dtype(self.dtype)
+    }
+
+    /// This tensor converted to another storage dtype (a new tensor on the same device,
+    /// rounded to nearest even).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         match &self.storage {
-            Storage::Cpu(c) => Ok(Tensor::from_parts(
+            Storage::Cpu(c) if dtype == self.dtype => Ok(Tensor::from_parts(
                 self.shape.clone(),
                 self.dtype,
                 Storage::Cpu(c.clone()),
             )),
-            #[allow(unreachable_patterns)]
-            _ => self.to_device(&self.device()),
+            _ => {
+                let dev = self.device();
+                let mut out = Tensor::zeros(&self.shape, dtype, &dev)?;
+                crate::ops::backend::add(&dev, self, None, &mut out)?;
+                Ok(out)
+            }
         }
-    }
-
-    /// This tensor converted to another storage dtype (a copy, on the host for now).
-    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
-        if dtype == self.dtype {
-            return self.try_clone();
-        }
-        Tensor::from_f32(&self.to_f32_vec()?, &self.shape, dtype, &self.device())
     }
 
     pub(crate) fn cpu(&self) -> Option<&CpuStorage> {

@@ -787,17 +787,24 @@ impl Body<'_> {
                 ))
             }
         };
-        // The residual: the query tokens' rows gain d1.
-        let mut dxv = dx.to_f32_vec()?;
-        let d1 = g1.dx.to_f32_vec()?;
-        for i in 0..b {
-            for t in 0..lq {
-                for e in 0..d {
-                    dxv[(i * l + q0 + t) * d + e] += d1[(i * lq + t) * d + e];
+        // The residual: the query tokens' rows gain d1 (a device add when every token is a
+        // query; the pruned layer's token slice is gathered on the host for now).
+        let dx = if q0 == 0 {
+            let mut out = Tensor::zeros(&[b, l, d], dt, &dev)?;
+            backend::add(&dev, &dx, Some(&g1.dx), &mut out)?;
+            out
+        } else {
+            let mut dxv = dx.to_f32_vec()?;
+            let d1 = g1.dx.to_f32_vec()?;
+            for i in 0..b {
+                for t in 0..lq {
+                    for e in 0..d {
+                        dxv[(i * l + q0 + t) * d + e] += d1[(i * lq + t) * d + e];
+                    }
                 }
             }
-        }
-        let dx = Tensor::from_f32(&dxv, &[b, l, d], dt, &dev)?;
+            Tensor::from_f32(&dxv, &[b, l, d], dt, &dev)?
+        };
         Ok((
             dx,
             LayerParams {

@@ -22,7 +22,7 @@
 //! let dev = Device::cpu();
 //! let q = Tensor::from_f32(&[1.0, 0.0, 0.0, 1.0], &[2, 2], DType::F32, &dev)?;
 //! let c = Tensor::from_f32(&[1.0, 0.0, 0.0, 1.0, 0.7, 0.7], &[3, 2], DType::F32, &dev)?;
-//! let loss = InBatchSoftmax { kappa: 5.0, ..Default::default() };
+//! let loss = InBatchSoftmax { kappa: 5.0, remove_accidental_hits: false, ..Default::default() };
 //! let rows = Rows { queries: &q, target: &[0, 1], kind: &[RowKind::Pos; 2], weight: &[1.0, 1.0], query_ids: None };
 //! let cols = Columns { emb: &c, log_q: None, ids: None, valid: None, query_ids: None };
 //! let fwd = loss.forward(&rows, &cols, None)?;
