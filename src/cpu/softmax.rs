@@ -27,15 +27,15 @@ pub(crate) struct Problem<'a> {
     pub valid: Option<&'a [bool]>,
     pub row_qid: Option<&'a [i64]>,
     pub col_qid: Option<&'a [i64]>,
-    /// Target column per row; `usize::MAX` marks an inactive row.
-    pub target: &'a [usize],
+    /// Target column per row; `u32::MAX` marks an inactive row.
+    pub target: &'a [u32],
 }
 
 impl Problem<'_> {
     /// Is column j in row i's softmax domain D_i (valid, and not an accidental hit)?
     #[inline]
     fn in_domain(&self, i: usize, j: usize) -> bool {
-        let t = self.target[i];
+        let t = self.target[i] as usize;
         if let Some(v) = self.valid {
             if !v[j] {
                 return false;
@@ -96,7 +96,7 @@ pub(crate) fn forward_stats(p: &Problem<'_>) -> (Vec<f32>, Vec<f32>) {
                 p.dots(r0, rb, c0, cb, &mut tile);
                 for r in 0..rb {
                     let i = r0 + r;
-                    if p.target[i] == usize::MAX {
+                    if p.target[i] == u32::MAX {
                         continue;
                     }
                     let row = &tile[r * cb..r * cb + cb];
@@ -106,7 +106,7 @@ pub(crate) fn forward_stats(p: &Problem<'_>) -> (Vec<f32>, Vec<f32>) {
                             continue;
                         }
                         let s = p.logit(dot, j);
-                        if j == p.target[i] {
+                        if j == p.target[i] as usize {
                             s_t[r] = s;
                         }
                         let x = s * std::f32::consts::LOG2_E;
@@ -147,7 +147,7 @@ fn grad_tile(
     for r in 0..rb {
         let i = r0 + r;
         let row = &mut tile[r * cb..r * cb + cb];
-        if a[i] == 0.0 || p.target[i] == usize::MAX {
+        if a[i] == 0.0 || p.target[i] == u32::MAX {
             row.iter_mut().for_each(|v| *v = 0.0);
             continue;
         }
@@ -160,7 +160,7 @@ fn grad_tile(
             } else {
                 0.0
             };
-            let g = a[i] * (pij - if j == p.target[i] { 1.0 } else { 0.0 });
+            let g = a[i] * (pij - if j == p.target[i] as usize { 1.0 } else { 0.0 });
             acc += g * dot;
             *v = g;
         }
@@ -235,3 +235,122 @@ pub(crate) fn grad_columns(
     });
     dc
 }
+
+/// Normalises rows of width d in place; returns the (clamped) norms.
+fn normalise(v: &mut [f32], d: usize, eps: f32) -> Vec<f32> {
+    v.chunks_mut(d.max(1))
+        .map(|r| {
+            let n = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(eps);
+            r.iter_mut().for_each(|x| *x /= n);
+            n
+        })
+        .collect()
+}
+
+/// ∂L/∂u from ∂L/∂û: `(g − û⟨û, g⟩)/‖u‖`, or `g/ε` where the norm was clamped.
+fn l2_backward(g: &mut [f32], unit: &[f32], norms: &[f32], d: usize, eps: f32) {
+    for ((gr, ur), &n) in g.chunks_mut(d.max(1)).zip(unit.chunks(d.max(1))).zip(norms) {
+        if n <= eps {
+            gr.iter_mut().for_each(|x| *x /= eps);
+            continue;
+        }
+        let proj: f32 = gr.iter().zip(ur).map(|(a, b)| a * b).sum();
+        gr.iter_mut()
+            .zip(ur)
+            .for_each(|(x, u)| *x = (*x - u * proj) / n);
+    }
+}
+
+/// The seam entry points: widen (and normalise) once on the host, run the tiled kernels.
+mod seam {
+    use super::*;
+    use crate::error::Result;
+    use crate::ops::inbatch_softmax::SoftmaxArgs;
+    use crate::tensor::Tensor;
+
+    struct Host {
+        q: Vec<f32>,
+        c: Vec<f32>,
+        q_norm: Vec<f32>,
+        c_norm: Vec<f32>,
+    }
+
+    fn host(a: &SoftmaxArgs<'_>) -> Result<Host> {
+        let (mut q, mut c) = (a.q.to_f32_vec()?, a.c.to_f32_vec()?);
+        let (q_norm, c_norm) = if a.l2 {
+            (normalise(&mut q, a.d, a.eps), normalise(&mut c, a.d, a.eps))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Host {
+            q,
+            c,
+            q_norm,
+            c_norm,
+        })
+    }
+
+    fn problem<'a>(a: &SoftmaxArgs<'a>, h: &'a Host) -> Problem<'a> {
+        Problem {
+            b: a.b,
+            n: a.n,
+            d: a.d,
+            q: &h.q,
+            c: &h.c,
+            kappa: a.kappa,
+            log_q: a.log_q,
+            ids: a.ids,
+            valid: a.valid,
+            row_qid: a.row_qid,
+            col_qid: a.col_qid,
+            target: a.target,
+        }
+    }
+
+    pub(crate) fn forward(a: &SoftmaxArgs<'_>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let h = host(a)?;
+        Ok(forward_stats(&problem(a, &h)))
+    }
+
+    pub(crate) fn grad_queries(
+        a: &SoftmaxArgs<'_>,
+        coef: &[f32],
+        lse: &[f32],
+        dq: &mut Tensor,
+    ) -> Result<f32> {
+        let h = host(a)?;
+        let (mut g, dk) = super::grad_queries(&problem(a, &h), coef, lse);
+        if a.l2 {
+            l2_backward(&mut g, &h.q, &h.q_norm, a.d, a.eps);
+        }
+        *dq = Tensor::from_f32(&g, dq.shape(), dq.dtype(), &dq.device())?;
+        // Rows in order: a fixed summation order for ∂L/∂κ.
+        Ok(dk.iter().map(|&v| v as f64).sum::<f64>() as f32)
+    }
+
+    pub(crate) fn grad_columns(
+        a: &SoftmaxArgs<'_>,
+        coef: &[f32],
+        lse: &[f32],
+        range: std::ops::Range<usize>,
+        dc: &mut Tensor,
+    ) -> Result<()> {
+        let h = host(a)?;
+        let mut g = super::grad_columns(&problem(a, &h), coef, lse, range.clone());
+        if a.l2 {
+            l2_backward(
+                &mut g,
+                &h.c[range.start * a.d..range.end * a.d],
+                &h.c_norm[range],
+                a.d,
+                a.eps,
+            );
+        }
+        *dc = Tensor::from_f32(&g, dc.shape(), dc.dtype(), &dc.device())?;
+        Ok(())
+    }
+}
+
+pub(crate) use seam::{
+    forward as forward_t, grad_columns as grad_columns_t, grad_queries as grad_queries_t,
+};

@@ -20,6 +20,7 @@ mod launch;
 pub(crate) mod layernorm;
 mod module_cache;
 mod nvrtc;
+pub(crate) mod softmax;
 
 use launch::Limits;
 use module_cache::ModuleCache;

@@ -388,15 +388,8 @@ impl CrossDeviceSoftmax {
             let n = g.ids.len();
             let dc = self
                 .loss
-                .column_grads(
-                    &rows,
-                    &cols,
-                    &fwd.stats.lse,
-                    &a,
-                    std::slice::from_ref(&(0..n)),
-                )?
-                .pop()
-                .unwrap_or_default();
+                .column_grads(&rows, &cols, &fwd.stats.lse, &a, 0..n)?
+                .to_f32_vec()?;
             // Owner-major order [V_0, X_0 | V_1, X_1 | …] so block r of the reduce-scatter is
             // exactly rank r's columns.
             let mut send = Vec::with_capacity(dc.len());
@@ -504,9 +497,15 @@ impl CrossDeviceSoftmax {
             weight: &w,
             query_ids: batch.query_ids.map(|_| qid.as_slice()),
         };
-        let parts = self
+        let mut own = self
             .loss
-            .column_grads(&rows_all, &cols, &lse, &aa, &[pos, neg])?;
-        Ok(parts.concat())
+            .column_grads(&rows_all, &cols, &lse, &aa, pos)?
+            .to_f32_vec()?;
+        own.extend(
+            self.loss
+                .column_grads(&rows_all, &cols, &lse, &aa, neg)?
+                .to_f32_vec()?,
+        );
+        Ok(own)
     }
 }

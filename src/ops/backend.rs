@@ -218,3 +218,63 @@ pub(crate) fn layernorm_backward(
         }
     }
 }
+
+/// Fused in-batch softmax forward: per-row LSE over the domain and the target logit.
+pub(crate) fn softmax_forward(
+    dev: &Device,
+    a: &crate::ops::inbatch_softmax::SoftmaxArgs<'_>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if a.b == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    match dev {
+        Device::Cpu => crate::cpu::softmax::forward_t(a),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::softmax::forward(d, a),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::softmax::forward(d, a),
+    }
+}
+
+/// Query gradients `[B, d]` f32 (after the L2 backward) into `dq`; returns ∂L/∂κ summed over
+/// the rows in order.
+pub(crate) fn softmax_grad_queries(
+    dev: &Device,
+    a: &crate::ops::inbatch_softmax::SoftmaxArgs<'_>,
+    coef: &[f32],
+    lse: &[f32],
+    dq: &mut Tensor,
+) -> Result<f32> {
+    if a.b == 0 {
+        return Ok(0.0);
+    }
+    match dev {
+        Device::Cpu => crate::cpu::softmax::grad_queries_t(a, coef, lse, dq),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::softmax::grad_queries(d, a, coef, lse, dq),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::softmax::grad_queries(d, a, coef, lse, dq),
+    }
+}
+
+/// Candidate gradients `[range.len(), d]` f32 (after the L2 backward) from every row, each
+/// column summed over the rows in a fixed order.
+pub(crate) fn softmax_grad_columns(
+    dev: &Device,
+    a: &crate::ops::inbatch_softmax::SoftmaxArgs<'_>,
+    coef: &[f32],
+    lse: &[f32],
+    range: std::ops::Range<usize>,
+    dc: &mut Tensor,
+) -> Result<()> {
+    if range.is_empty() {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => crate::cpu::softmax::grad_columns_t(a, coef, lse, range, dc),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::softmax::grad_columns(d, a, coef, lse, range, dc),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::softmax::grad_columns(d, a, coef, lse, range, dc),
+    }
+}

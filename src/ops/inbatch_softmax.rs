@@ -31,10 +31,9 @@
 //! # Ok::<(), recfuse::Error>(())
 //! ```
 
-use crate::cpu::softmax::{self, Problem};
-use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::ops::backend;
 use crate::tensor::Tensor;
 
 const OP: &str = "inbatch_softmax";
@@ -147,37 +146,28 @@ pub struct SoftmaxGrads {
     pub dkappa: f32,
 }
 
-/// Host-side prepared problem: normalised f32 embeddings and the norms for the L2 backward.
-pub(crate) struct Prepared {
-    pub q: Vec<f32>,
-    pub c: Vec<f32>,
-    pub q_norm: Vec<f32>,
-    pub c_norm: Vec<f32>,
-    pub target: Vec<usize>,
-}
-
-fn normalise(v: &mut [f32], d: usize, eps: f32) -> Vec<f32> {
-    v.chunks_mut(d.max(1))
-        .map(|r| {
-            let n = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(eps);
-            r.iter_mut().for_each(|x| *x /= n);
-            n
-        })
-        .collect()
-}
-
-/// ∂L/∂u from ∂L/∂û: `(g − û⟨û, g⟩)/‖u‖`, or `g/ε` where the norm was clamped.
-pub(crate) fn l2_backward(g: &mut [f32], unit: &[f32], norms: &[f32], d: usize, eps: f32) {
-    for ((gr, ur), &n) in g.chunks_mut(d.max(1)).zip(unit.chunks(d.max(1))).zip(norms) {
-        if n <= eps {
-            gr.iter_mut().for_each(|x| *x /= eps);
-            continue;
-        }
-        let proj: f32 = gr.iter().zip(ur).map(|(a, b)| a * b).sum();
-        gr.iter_mut()
-            .zip(ur)
-            .for_each(|(x, u)| *x = (*x - u * proj) / n);
-    }
+/// One validated call as the backends see it: raw embeddings (the backend normalises them
+/// when `l2` is set and applies the L2 backward to what it returns) and per-row / per-column
+/// metadata on the host (O(B + N), uploaded by GPU backends per call).
+pub(crate) struct SoftmaxArgs<'a> {
+    pub b: usize,
+    pub n: usize,
+    pub d: usize,
+    /// `[B, d]`.
+    pub q: &'a Tensor,
+    /// `[N, d]`.
+    pub c: &'a Tensor,
+    pub kappa: f32,
+    pub l2: bool,
+    pub eps: f32,
+    /// Target column per row; `u32::MAX` marks an inactive row (padding, invalid target).
+    pub target: &'a [u32],
+    pub log_q: Option<&'a [f32]>,
+    /// Item ids when accidental hits are removed.
+    pub ids: Option<&'a [i64]>,
+    pub valid: Option<&'a [bool]>,
+    pub row_qid: Option<&'a [i64]>,
+    pub col_qid: Option<&'a [i64]>,
 }
 
 impl InBatchSoftmax {
@@ -260,68 +250,43 @@ impl InBatchSoftmax {
         if n > u32::MAX as usize || b > u32::MAX as usize {
             return Err(Error::invalid(OP, "cols.emb", "more than 2^32 rows"));
         }
-        match dev {
-            Device::Cpu => Ok((b, n, d)),
-            #[allow(unreachable_patterns)]
-            other => Err(Error::Unsupported {
-                op: OP,
-                backend: other.backend(),
-                what: "the fused in-batch softmax kernels exist on the CPU only so far".into(),
-            }),
-        }
+        Ok((b, n, d))
     }
 
-    fn prepare(&self, rows: &Rows<'_>, cols: &Columns<'_>, d: usize) -> Result<Prepared> {
-        let mut q = rows.queries.to_f32_vec()?;
-        let mut c = cols.emb.to_f32_vec()?;
-        let (q_norm, c_norm) = if self.l2_normalize {
-            (
-                normalise(&mut q, d, self.eps),
-                normalise(&mut c, d, self.eps),
-            )
-        } else {
-            (Vec::new(), Vec::new())
-        };
+    /// Each row's target column, or `u32::MAX` for an inactive row.
+    fn targets(&self, rows: &Rows<'_>, cols: &Columns<'_>) -> Vec<u32> {
         let n = cols.emb.shape()[0];
-        let target = rows
-            .target
+        rows.target
             .iter()
             .zip(rows.weight)
             .map(|(&t, &w)| {
-                let t = t as usize;
-                let ok = w > 0.0 && t < n && cols.valid.is_none_or(|v| v[t]);
+                let ok = w > 0.0 && (t as usize) < n && cols.valid.is_none_or(|v| v[t as usize]);
                 if ok {
                     t
                 } else {
-                    usize::MAX
+                    u32::MAX
                 }
             })
-            .collect();
-        Ok(Prepared {
-            q,
-            c,
-            q_norm,
-            c_norm,
-            target,
-        })
+            .collect()
     }
 
-    fn problem<'a>(
+    fn args<'a>(
         &self,
         rows: &Rows<'a>,
         cols: &Columns<'a>,
-        prep: &'a Prepared,
-        b: usize,
-        n: usize,
-        d: usize,
-    ) -> Problem<'a> {
-        Problem {
+        target: &'a [u32],
+        (b, n, d): (usize, usize, usize),
+    ) -> SoftmaxArgs<'a> {
+        SoftmaxArgs {
             b,
             n,
             d,
-            q: &prep.q,
-            c: &prep.c,
+            q: rows.queries,
+            c: cols.emb,
             kappa: self.kappa_eff(),
+            l2: self.l2_normalize,
+            eps: self.eps,
+            target,
             log_q: cols.log_q,
             ids: if self.remove_accidental_hits {
                 cols.ids
@@ -331,7 +296,6 @@ impl InBatchSoftmax {
             valid: cols.valid,
             row_qid: rows.query_ids,
             col_qid: cols.query_ids,
-            target: &prep.target,
         }
     }
 
@@ -343,10 +307,13 @@ impl InBatchSoftmax {
         cols: &Columns<'_>,
         z: Option<f64>,
     ) -> Result<SoftmaxForward> {
-        let (b, n, d) = self.validate(rows, cols)?;
-        let prep = self.prepare(rows, cols, d)?;
-        let p = self.problem(rows, cols, &prep, b, n, d);
-        let (lse, s_target) = softmax::forward_stats(&p);
+        let dims = self.validate(rows, cols)?;
+        let b = dims.0;
+        let target = self.targets(rows, cols);
+        let (lse, s_target) = backend::softmax_forward(
+            &rows.queries.device(),
+            &self.args(rows, cols, &target, dims),
+        )?;
         let weight_sum: f64 = rows.weight.iter().map(|&w| w as f64).sum();
         let z = match self.reduction {
             Reduction::Sum => 1.0,
@@ -362,7 +329,7 @@ impl InBatchSoftmax {
         let mut loss = 0.0f64;
         let mut p_target = vec![0f32; b];
         for i in 0..b {
-            if prep.target[i] == usize::MAX {
+            if target[i] == u32::MAX {
                 continue;
             }
             let logp = (s_target[i] - lse[i]) as f64;
@@ -388,11 +355,11 @@ impl InBatchSoftmax {
         &self,
         rows: &Rows<'_>,
         fwd: &SoftmaxForward,
-        target: &[usize],
+        target: &[u32],
     ) -> Vec<f32> {
         (0..target.len())
             .map(|i| {
-                if target[i] == usize::MAX {
+                if target[i] == u32::MAX {
                     return 0.0;
                 }
                 let w = rows.weight[i] as f64 / fwd.z;
@@ -417,17 +384,10 @@ impl InBatchSoftmax {
         fwd: &SoftmaxForward,
     ) -> Result<SoftmaxGrads> {
         let (dq, dkappa) = self.query_grads(rows, cols, fwd)?;
-        let (_, n, d) = self.validate(rows, cols)?;
+        let (_, n, _) = self.validate(rows, cols)?;
         let a = self.coeffs(rows, cols, fwd)?;
-        let dc = self
-            .column_grads(rows, cols, &fwd.lse, &a, std::slice::from_ref(&(0..n)))?
-            .pop()
-            .unwrap_or_default();
-        Ok(SoftmaxGrads {
-            dq,
-            dc: Tensor::from_f32(&dc, &[n, d], DType::F32, &rows.queries.device())?,
-            dkappa,
-        })
+        let dc = self.column_grads(rows, cols, &fwd.lse, &a, 0..n)?;
+        Ok(SoftmaxGrads { dq, dc, dkappa })
     }
 
     /// Query gradients (in the queries' dtype) and ∂L/∂κ of this call's rows.
@@ -437,7 +397,8 @@ impl InBatchSoftmax {
         cols: &Columns<'_>,
         fwd: &SoftmaxForward,
     ) -> Result<(Tensor, f32)> {
-        let (b, n, d) = self.validate(rows, cols)?;
+        let dims = self.validate(rows, cols)?;
+        let (b, _, d) = dims;
         if fwd.lse.len() != b {
             return Err(Error::shape(
                 OP,
@@ -446,66 +407,61 @@ impl InBatchSoftmax {
                 &[fwd.lse.len()],
             ));
         }
-        let prep = self.prepare(rows, cols, d)?;
-        let p = self.problem(rows, cols, &prep, b, n, d);
-        let a = self.row_coeffs(rows, fwd, &prep.target);
-        let (mut dq, dk) = softmax::grad_queries(&p, &a, &fwd.lse);
-        if self.l2_normalize {
-            l2_backward(&mut dq, &prep.q, &prep.q_norm, d, self.eps);
-        }
+        let target = self.targets(rows, cols);
+        let a = self.row_coeffs(rows, fwd, &target);
+        let dev = rows.queries.device();
+        let mut dq = Tensor::zeros(&[b, d], DType::F32, &dev)?;
+        let dk = backend::softmax_grad_queries(
+            &dev,
+            &self.args(rows, cols, &target, dims),
+            &a,
+            &fwd.lse,
+            &mut dq,
+        )?;
         let dkappa = if self.learn_kappa && self.kappa < self.kappa_max {
-            dk.iter().map(|&v| v as f64).sum::<f64>() as f32
+            dk
         } else {
             0.0
         };
-        Ok((
-            Tensor::from_f32(&dq, &[b, d], rows.queries.dtype(), &rows.queries.device())?,
-            dkappa,
-        ))
+        Ok((dq.to_dtype(rows.queries.dtype())?, dkappa))
     }
-}
 
-impl InBatchSoftmax {
-    /// Candidate gradients (after the L2 backward) for the given column ranges, from every row
-    /// in `rows` with coefficients `a` and statistics `lse`: the owner-computes path, where a
-    /// rank has gathered all ranks' rows and computes only its own columns.
+    /// Candidate gradients `[cols.len(), d]` f32 (after the L2 backward) for one column range,
+    /// from every row in `rows` with coefficients `a` and statistics `lse` — also the
+    /// owner-computes path, where a rank has gathered all ranks' rows and computes only its own
+    /// columns.
     pub(crate) fn column_grads(
         &self,
         rows: &Rows<'_>,
         cols: &Columns<'_>,
         lse: &[f32],
         a: &[f32],
-        ranges: &[std::ops::Range<usize>],
-    ) -> Result<Vec<Vec<f32>>> {
-        let (b, n, d) = self.validate(rows, cols)?;
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let dims = self.validate(rows, cols)?;
+        let (b, n, d) = dims;
         if lse.len() != b || a.len() != b {
             return Err(Error::shape(OP, "lse", format!("[{b}]"), &[lse.len()]));
         }
-        let prep = self.prepare(rows, cols, d)?;
-        let p = self.problem(rows, cols, &prep, b, n, d);
-        ranges
-            .iter()
-            .map(|r| {
-                if r.end > n {
-                    return Err(Error::invalid(
-                        OP,
-                        "ranges",
-                        format!("{r:?} exceeds {n} columns"),
-                    ));
-                }
-                let mut g = softmax::grad_columns(&p, a, lse, r.clone());
-                if self.l2_normalize {
-                    l2_backward(
-                        &mut g,
-                        &prep.c[r.start * d..r.end * d],
-                        &prep.c_norm[r.clone()],
-                        d,
-                        self.eps,
-                    );
-                }
-                Ok(g)
-            })
-            .collect()
+        if range.start > range.end || range.end > n {
+            return Err(Error::invalid(
+                OP,
+                "range",
+                format!("{range:?} is not within {n} columns"),
+            ));
+        }
+        let target = self.targets(rows, cols);
+        let dev = rows.queries.device();
+        let mut dc = Tensor::zeros(&[range.len(), d], DType::F32, &dev)?;
+        backend::softmax_grad_columns(
+            &dev,
+            &self.args(rows, cols, &target, dims),
+            a,
+            lse,
+            range,
+            &mut dc,
+        )?;
+        Ok(dc)
     }
 
     /// The row coefficients a_i for `rows` given forward statistics (for gathering).
@@ -515,9 +471,8 @@ impl InBatchSoftmax {
         cols: &Columns<'_>,
         fwd: &SoftmaxForward,
     ) -> Result<Vec<f32>> {
-        let (_, _, d) = self.validate(rows, cols)?;
-        let prep = self.prepare(rows, cols, d)?;
-        Ok(self.row_coeffs(rows, fwd, &prep.target))
+        self.validate(rows, cols)?;
+        Ok(self.row_coeffs(rows, fwd, &self.targets(rows, cols)))
     }
 }
 

@@ -17,6 +17,7 @@ mod buffers;
 pub(crate) mod gemm;
 pub(crate) mod layernorm;
 mod pipelines;
+pub(crate) mod softmax;
 
 const BACKEND: &str = "wgpu";
 
