@@ -316,6 +316,9 @@ fn hiformer(dev: &Device, cpu_out: &mut Option<(Vec<f64>, Vec<f64>)>) -> recfuse
     })
 }
 
+/// One rank's loss share, query gradients and positive-item gradients.
+type RankOut = (f64, Vec<f64>, Vec<f64>);
+
 /// The in-batch softmax on 4 in-process ranks (uneven batches) against one rank running the
 /// concatenated batch (CPU tensors: the collectives are in-process).
 fn softmax_4_ranks() -> recfuse::Result<Row> {
@@ -371,7 +374,7 @@ fn softmax_4_ranks() -> recfuse::Result<Row> {
     let t_one = t0.elapsed().as_secs_f64();
     let comms = LocalGroup::ranks(4)?;
     let t0 = Instant::now();
-    let outs: Vec<recfuse::Result<(f64, Vec<f64>, Vec<f64>)>> = std::thread::scope(|s| {
+    let outs: Vec<recfuse::Result<RankOut>> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()
             .enumerate()

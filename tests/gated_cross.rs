@@ -12,6 +12,9 @@ use recfuse::ops::gated_cross::{
 };
 use recfuse::{DType, Device, Error, Tensor};
 
+/// A generator of random tensors (and their f64 values) of a given shape and scale.
+type RandTensor<'a> = dyn FnMut(&[usize], f32) -> (Tensor, Vec<f64>) + 'a;
+
 /// Random weights in PyTorch layout (rounded to the config's dtype) and their f64 values.
 fn random_weights(
     net: &GatedCross,
@@ -26,7 +29,7 @@ fn random_weights(
     let ws = 1.0 / (d as f32).sqrt();
     let mut out = (Vec::new(), Vec::new());
     for _ in 0..net.layers {
-        let mut branch = |t: &mut dyn FnMut(&[usize], f32) -> (Tensor, Vec<f64>)| match net.rank {
+        let branch = |t: &mut RandTensor<'_>| match net.rank {
             None => {
                 let (w, wv) = t(&[d, d], ws);
                 (BranchWeight::Full(w), RefBranch::Full(wv))
@@ -347,7 +350,7 @@ fn reference_backward_matches_finite_differences() {
         (false, false, false),
         (false, true, false),
     ] {
-        let mut br = |u: &mut dyn FnMut(usize, f64) -> Vec<f64>| {
+        let br = |u: &mut dyn FnMut(usize, f64) -> Vec<f64>| {
             if low {
                 RefBranch::LowRank {
                     u: u(d * 2, 0.7),
