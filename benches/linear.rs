@@ -34,14 +34,17 @@
 //! (`cargo bench --bench linear -- --measurement-time 2 cpu/`), and a positional argument
 //! filters by name.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::cell::RefCell;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use recfuse::ops::linear::{self, Linear, LinearGrads};
-use recfuse::{Activation, DType, Device, Tensor, WgpuOptions};
+use recfuse::{Activation, DType, Device, Tensor};
 
 /// One benchmarked layer shape.
 #[derive(Clone, Copy, Debug)]
@@ -195,45 +198,6 @@ impl Layer {
     }
 }
 
-/// Runs `iters` calls back to back and one synchronize; returns the wall time of the batch.
-fn timed(dev: &Device, iters: u64, mut call: impl FnMut() -> recfuse::Result<()>) -> Duration {
-    dev.synchronize().expect("synchronize before the batch");
-    let t0 = Instant::now();
-    for _ in 0..iters {
-        call().expect("an op that passed the probe failed while timing");
-    }
-    dev.synchronize().expect("synchronize after the batch");
-    t0.elapsed()
-}
-
-/// Backends to benchmark, with a name for the group prefix, and lines saying what was skipped.
-fn backends() -> (Vec<(String, Device)>, Vec<String>) {
-    let mut run = vec![("cpu".to_string(), Device::cpu())];
-    let mut skipped = Vec::new();
-    match Device::wgpu(&WgpuOptions::default()) {
-        Ok(d) => run.push(("wgpu".into(), d)),
-        Err(hw) => {
-            if std::env::var("RECFUSE_BENCH_SOFTWARE").as_deref() == Ok("1") {
-                match Device::wgpu(&WgpuOptions {
-                    allow_software: true,
-                }) {
-                    Ok(d) => run.push(("wgpu-sw".into(), d)),
-                    Err(e) => skipped.push(format!("wgpu: {hw}; software adapter: {e}")),
-                }
-            } else {
-                skipped.push(format!(
-                    "wgpu: {hw} (software adapters only with RECFUSE_BENCH_SOFTWARE=1)"
-                ));
-            }
-        }
-    }
-    match Device::cuda(0) {
-        Ok(d) => run.push(("cuda".into(), d)),
-        Err(e) => skipped.push(format!("cuda: {e}")),
-    }
-    (run, skipped)
-}
-
 fn bench_case(c: &mut Criterion, label: &str, dev: &Device, dtype: DType, s: Shape) {
     let group_name = format!("{label}/linear/{}/{}", dtype.name(), s.name());
     // Probe support at a tiny shape so an unimplemented dtype or layout skips, not aborts.
@@ -255,12 +219,16 @@ fn bench_case(c: &mut Criterion, label: &str, dev: &Device, dtype: DType, s: Sha
     group.throughput(Throughput::Elements(s.fwd_flops()));
     group.bench_function("fwd", |b| {
         with_layer(&mut |l| {
-            b.iter_custom(|iters| timed(dev, iters, || l.forward().map(|f| drop(black_box(f)))))
+            b.iter_custom(|iters| {
+                common::timed(dev, iters, || l.forward().map(|f| drop(black_box(f))))
+            })
         })
     });
     group.throughput(Throughput::Elements(3 * s.fwd_flops()));
     group.bench_function("fwd_bwd", |b| {
-        with_layer(&mut |l| b.iter_custom(|iters| timed(dev, iters, || l.forward_backward())))
+        with_layer(&mut |l| {
+            b.iter_custom(|iters| common::timed(dev, iters, || l.forward_backward()))
+        })
     });
     group.finish();
 }
@@ -271,15 +239,7 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))
         .configure_from_args();
-    let (run, skipped) = backends();
-    let names: Vec<String> = run
-        .iter()
-        .map(|(l, d)| format!("{l} [{}]", d.describe()))
-        .collect();
-    println!("recfuse bench: backends run: {}", names.join(", "));
-    for s in &skipped {
-        println!("recfuse bench: backend skipped: {s}");
-    }
+    let run = common::backends();
     for (label, dev) in &run {
         let cases = if label == "cpu" { CPU_CASES } else { GPU_CASES };
         for &(dtype, shape) in cases {

@@ -26,16 +26,16 @@ per-call time over batches.
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 
 try:
     import torch
     import torch.nn.functional as F
 except ImportError:  # pragma: no cover - reported to the user
     sys.exit("linear.py: PyTorch is not installed (pip install torch)")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import machine_line, time_call  # noqa: E402
 
 # (dtype, (M, K, N) or (B, G, K, N)); the same lists as CPU_CASES / GPU_CASES in benches/linear.rs.
 CPU_CASES = [
@@ -92,56 +92,6 @@ def make_inputs(shape, dtype, device):
     x, w, b = rand(*xs), rand(*ws, scale=k**-0.5), rand(*bs, scale=0.1)
     dy = rand(*ys).detach()
     return x, w, b, dy
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(call, device, warmup, repeats, min_batch_ms):
-    """Median seconds per call over `repeats` batches, each one synchronised at its end."""
-    for _ in range(warmup):
-        call()
-    sync(device)
-    # Size a batch so it lasts at least min_batch_ms (one call for slow CPU layers).
-    t0 = time.perf_counter()
-    call()
-    sync(device)
-    one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_batch_ms / 1e3 / one))
-    per_call = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            call()
-        sync(device)
-        per_call.append((time.perf_counter() - t0) / inner)
-    return statistics.median(per_call)
-
-
-def machine_line(device, threads):
-    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        parts.append(f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})")
-        parts.append(f"CUDA {torch.version.cuda}")
-    else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        cpu = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        parts.append(f"{cpu}, {os.cpu_count()} logical CPUs")
-        parts.append(f"torch threads {torch.get_num_threads()} (asked {threads})")
-        parts.append(f"MKL {torch.backends.mkl.is_available()}")
-        parts.append(f"oneDNN {torch.backends.mkldnn.is_available()}")
-    return "machine: " + "; ".join(parts)
 
 
 def run_case(name_prefix, shape, dtype, device, impl, args):

@@ -1,0 +1,63 @@
+"""Timing and machine description shared by the PyTorch baselines (scripts/baselines/*.py).
+
+Every baseline times the same way: warm-up calls, then `repeats` batches of back-to-back calls
+(each at least `min_batch_ms` long), closed by `torch.cuda.synchronize()` on CUDA; the reported
+time is the median per-call time over batches.
+"""
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(call, device, warmup, repeats, min_batch_ms):
+    """Median seconds per call over `repeats` batches, each one synchronised at its end."""
+    for _ in range(warmup):
+        call()
+    sync(device)
+    # Size a batch so it lasts at least min_batch_ms (one call for slow CPU layers).
+    t0 = time.perf_counter()
+    call()
+    sync(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(min_batch_ms / 1e3 / one))
+    per_call = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            call()
+        sync(device)
+        per_call.append((time.perf_counter() - t0) / inner)
+    return statistics.median(per_call)
+
+
+def machine_line(device, threads):
+    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        parts.append(f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})")
+        parts.append(f"CUDA {torch.version.cuda}")
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        cpu = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        parts.append(f"{cpu}, {os.cpu_count()} logical CPUs")
+        parts.append(f"torch threads {torch.get_num_threads()} (asked {threads})")
+        parts.append(f"MKL {torch.backends.mkl.is_available()}")
+        parts.append(f"oneDNN {torch.backends.mkldnn.is_available()}")
+    return "machine: " + "; ".join(parts)
