@@ -128,12 +128,14 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Re
         None => None,
     };
     let (m, n) = (p.m, p.n);
-    let mut acc = vec![0f32; m * n];
-    for g in 0..p.batch {
+    // One batch entry: its product into `acc`, then the fused epilogue row by row. `inner`
+    // says whether the product and the rows may use the thread pool themselves.
+    let run = |g: usize, acc: &mut Vec<f32>, inner: bool| {
+        acc.resize(m * n, 0.0);
         let (av, bv) = (p.a_view, p.b_view);
         matmul_f32(
             (m, n, p.k),
-            &mut acc,
+            acc,
             n,
             false,
             (
@@ -146,10 +148,10 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Re
                 bv.row_stride,
                 bv.col_stride,
             ),
-            true,
+            inner,
         );
         let (cv, pv) = (p.c_view, p.pre_view);
-        acc.par_chunks(n.max(1)).enumerate().for_each(|(i, row)| {
+        let epilogue = |(i, row): (usize, &[f32])| {
             let z_at = |j: usize| -> f32 {
                 let mut z = p.alpha * row[j];
                 if let Some((bias, bs)) = &bias {
@@ -159,8 +161,8 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Re
             };
             if let Some(po) = &pre_out {
                 for j in 0..n {
-                    // SAFETY: `Gemm::check` verified pre_view's extent against `pre`; row i of
-                    // batch g is written only by this task.
+                    // SAFETY: `Gemm::check` verified pre_view's extent against `pre`; element
+                    // (g, i, j) is written only by the task that owns row i of batch g.
                     unsafe { po.write(pv.at(g, i, j), z_at(j)) };
                 }
             }
@@ -178,8 +180,8 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Re
                 if let Some(r) = residual {
                     y += r.get(idx);
                 }
-                // SAFETY: `Gemm::check` verified c_view's extent against C; row i of batch g
-                // is read and written only by this task.
+                // SAFETY: `Gemm::check` verified c_view's extent against C; element (g, i, j)
+                // is read and written only by the task that owns row i of batch g.
                 unsafe {
                     if p.accumulate {
                         y += out.read(idx);
@@ -187,7 +189,28 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Re
                     out.write(idx, y);
                 }
             }
-        });
+        };
+        if inner {
+            acc.par_chunks(n.max(1)).enumerate().for_each(epilogue);
+        } else {
+            acc.chunks(n.max(1)).enumerate().for_each(epilogue);
+        }
+    };
+    // Many small products (grouped per-token layers): one batch entry per task. Only when the
+    // batch entries' outputs are disjoint (non-zero batch strides), so no two tasks share an
+    // element; otherwise (and for big products) batches run in order with threaded GEMMs.
+    let disjoint =
+        p.c_view.batch_stride != 0 && (pre_out.is_none() || p.pre_view.batch_stride != 0);
+    let small = m * n * p.k < 1 << 22;
+    if p.batch > 1 && small && disjoint {
+        (0..p.batch)
+            .into_par_iter()
+            .for_each_init(Vec::new, |acc, g| run(g, acc, false));
+    } else {
+        let mut acc = Vec::new();
+        for g in 0..p.batch {
+            run(g, &mut acc, true);
+        }
     }
     Ok(())
 }

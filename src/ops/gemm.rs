@@ -20,6 +20,9 @@
 //! ```
 //! `pre` then holds all n columns (`pre_view`), C, mul and residual hold n/2 (`c_view`).
 //!
+//! The output views (C, and pre) must map distinct (g, i, j) to distinct elements: backends write
+//! them in parallel.
+//!
 //! `X(g,i,j)` lives at element `offset + g·batch_stride + i·row_stride + j·col_stride` of its
 //! tensor. Strides let one kernel serve `x·Wᵀ` (forward), `dZ·W` (input gradient) and
 //! `dZᵀ·X` (weight gradient) without transposing anything in memory; the weight-gradient
