@@ -1,6 +1,7 @@
 //! Devices and how one is chosen. `Device::auto()` prefers CUDA, then a hardware wgpu adapter,
 //! then the CPU, and always says which it took and why; nothing falls back silently.
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 use std::sync::Arc;
 
 use crate::error::{Error, Result};

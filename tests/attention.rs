@@ -38,7 +38,7 @@ fn check(
         Tensor::from_f32(&f, &[d.b, d.l], DType::F32, dev).unwrap()
     });
     let att = Attention::default();
-    let scale = 1.0 / (d.dk as f64).sqrt();
+    let scale = 1.0 / (d.dk.max(1) as f64).sqrt();
     let fwd = att.forward(&q, &k, &v, bias.as_ref().map(|b| &b.0), mask_t.as_ref())?;
     let (o_ref, lse_ref) = reference::attention_forward(
         d,
@@ -164,6 +164,33 @@ fn masks_bias_and_pruning() {
             (dims(3, 38, 38), DType::F32, true, 2), // sample 0 has no valid key
             (dims(4, 2, 37), DType::F32, true, 1),  // pruned: the last 2 tokens as queries
             (tiny, DType::BF16, false, 0),
+            // Zero head widths are legal: scores from the bias alone; an empty O.
+            (
+                AttnDims {
+                    b: 2,
+                    lq: 3,
+                    l: 4,
+                    h: 2,
+                    dk: 0,
+                    dv: 3,
+                },
+                DType::F32,
+                true,
+                1,
+            ),
+            (
+                AttnDims {
+                    b: 2,
+                    lq: 3,
+                    l: 4,
+                    h: 2,
+                    dk: 2,
+                    dv: 0,
+                },
+                DType::F32,
+                true,
+                0,
+            ),
         ];
         for (d, dt, bias, mask) in cases {
             if !common::supported(&be, "attention", check(&be, d, dt, bias, mask)) {

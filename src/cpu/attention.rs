@@ -214,10 +214,36 @@ mod seam {
         }
     }
 
+    /// A zero head width is legal (scores are then the bias alone, or O is empty); the row
+    /// loops chunk by head width, so run it as width 1 with zero padding, which is the same
+    /// math, and drop the padding.
+    fn pad(v: Vec<f32>, rows: usize, w: usize) -> Vec<f32> {
+        if w == 0 {
+            vec![0.0; rows]
+        } else {
+            v
+        }
+    }
+
+    fn padded(a: &AttnArgs<'_>, h: Host) -> (Host, usize, usize) {
+        let (nq, nk) = (a.b * a.lq * a.h, a.b * a.l * a.h);
+        let h = Host {
+            q: pad(h.q, nq, a.dk),
+            k: pad(h.k, nk, a.dk),
+            v: pad(h.v, nk, a.dv),
+            ..h
+        };
+        (h, a.dk.max(1), a.dv.max(1))
+    }
+
     pub(crate) fn forward(a: &AttnArgs<'_>, o: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-        let h = host(a)?;
-        let (ov, lv) = super::forward(&attn(a, &h));
-        store(o, &ov)?;
+        let (h, dk, dv) = padded(a, host(a)?);
+        let (ov, lv) = super::forward(&Attn {
+            dk,
+            dv,
+            ..attn(a, &h)
+        });
+        store(o, if a.dv == 0 { &[] } else { &ov })?;
         store(lse, &lv)
     }
 
@@ -232,16 +258,26 @@ mod seam {
         dv: &mut Tensor,
         dbias: Option<&mut Tensor>,
     ) -> Result<()> {
-        let h = host(a)?;
-        let (gq, gk, gv, gb) = super::backward(
-            &attn(a, &h),
-            &o.to_f32_vec()?,
-            &lse.to_f32_vec()?,
-            &d_o.to_f32_vec()?,
+        let (h, wk, wv) = padded(a, host(a)?);
+        let rows_o = a.b * a.lq * a.h;
+        let (ov, dov) = (
+            pad(o.to_f32_vec()?, rows_o, a.dv),
+            pad(d_o.to_f32_vec()?, rows_o, a.dv),
         );
-        store(dq, &gq)?;
-        store(dk, &gk)?;
-        store(dv, &gv)?;
+        let (gq, gk, gv, gb) = super::backward(
+            &Attn {
+                dk: wk,
+                dv: wv,
+                ..attn(a, &h)
+            },
+            &ov,
+            &lse.to_f32_vec()?,
+            &dov,
+        );
+        let empty: &[f32] = &[];
+        store(dq, if a.dk == 0 { empty } else { &gq })?;
+        store(dk, if a.dk == 0 { empty } else { &gk })?;
+        store(dv, if a.dv == 0 { empty } else { &gv })?;
         if let (Some(t), Some(v)) = (dbias, gb) {
             store(t, &v)?;
         }

@@ -133,18 +133,20 @@ pub(crate) fn gemm(p: &Gemm<'_>, c: &mut Tensor, pre: Option<&mut Tensor>) -> Re
     let run = |g: usize, acc: &mut Vec<f32>, inner: bool| {
         acc.resize(m * n, 0.0);
         let (av, bv) = (p.a_view, p.b_view);
+        // With k = 0 the operands are never read (and may be empty): `get` instead of slicing
+        // keeps an offset past their end from panicking.
         matmul_f32(
             (m, n, p.k),
             acc,
             n,
             false,
             (
-                &a[av.offset + g * av.batch_stride..],
+                a.get(av.offset + g * av.batch_stride..).unwrap_or(&[]),
                 av.row_stride,
                 av.col_stride,
             ),
             (
-                &b[bv.offset + g * bv.batch_stride..],
+                b.get(bv.offset + g * bv.batch_stride..).unwrap_or(&[]),
                 bv.row_stride,
                 bv.col_stride,
             ),

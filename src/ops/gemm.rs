@@ -48,6 +48,7 @@ pub enum Activation {
 
 impl Activation {
     /// Small integer id shared by the CPU, CUDA and WGSL epilogues.
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
     pub(crate) fn id(self) -> u32 {
         match self {
             Activation::None => 0,
