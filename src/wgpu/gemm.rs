@@ -19,7 +19,7 @@ const BM: u32 = 4 * WG_Y;
 const BN: u32 = 4 * WG_X;
 const PAD: u32 = 4;
 /// Threads per workgroup of the elementwise kernels (fixed in elementwise.wgsl).
-const EW_THREADS: u32 = 256;
+pub(super) const EW_THREADS: u32 = 256;
 
 use Binding::{Read as R, ReadWrite as RW, Uniform as U};
 
@@ -54,7 +54,7 @@ const ADD: Kernel = Kernel {
     bindings: &[U, R, R, RW],
 };
 
-fn dtype_code(d: DType) -> f64 {
+pub(super) fn dtype_code(d: DType) -> f64 {
     match d {
         DType::F32 => 0.0,
         DType::BF16 => 1.0,
@@ -62,7 +62,7 @@ fn dtype_code(d: DType) -> f64 {
     }
 }
 
-fn flag(b: bool) -> f64 {
+pub(super) fn flag(b: bool) -> f64 {
     if b {
         1.0
     } else {
@@ -71,7 +71,7 @@ fn flag(b: bool) -> f64 {
 }
 
 /// The wgpu storage of `t`, which must live on `dev`.
-fn storage<'a>(
+pub(super) fn storage<'a>(
     op: &'static str,
     arg: &'static str,
     dev: &Arc<WgpuDevice>,
@@ -88,7 +88,7 @@ fn storage<'a>(
     }
 }
 
-fn to_u32(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u32> {
+pub(super) fn to_u32(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| {
         Error::invalid(
             op,
@@ -98,7 +98,7 @@ fn to_u32(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u
     })
 }
 
-fn fits_index(op: &'static str, arg: &'static str, n: usize) -> Result<()> {
+pub(super) fn fits_index(op: &'static str, arg: &'static str, n: usize) -> Result<()> {
     if n > MAX_INDEX_32 {
         return Err(Error::invalid(
             op,
@@ -495,7 +495,7 @@ pub(crate) fn col_sum(
 }
 
 /// Words of a tensor of `numel` elements of dtype `dt` (two 16-bit elements per word).
-fn words(dt: DType, numel: usize) -> usize {
+pub(super) fn words(dt: DType, numel: usize) -> usize {
     if dt == DType::F32 {
         numel
     } else {

@@ -38,6 +38,16 @@ pub(crate) const GATED_CROSS_WGSL: Shader = Shader {
     source: include_str!("../../kernels/wgsl/gated_cross.wgsl"),
 };
 
+pub(crate) const ATTENTION_WGSL: Shader = Shader {
+    name: "attention.wgsl",
+    source: include_str!("../../kernels/wgsl/attention.wgsl"),
+};
+
+pub(crate) const LAYERNORM_WGSL: Shader = Shader {
+    name: "layernorm.wgsl",
+    source: include_str!("../../kernels/wgsl/layernorm.wgsl"),
+};
+
 /// How a binding is declared in WGSL; binding i of a kernel is `bindings[i]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Binding {
