@@ -135,18 +135,18 @@ fn check(op: &'static str, a: &SoftmaxArgs<'_>) -> Result<u32> {
     big(op, "c", "N", Some(n))?;
     big(op, "q", "B·d", b.checked_mul(d))?;
     big(op, "c", "N·d", n.checked_mul(d))?;
-    let len = |arg: &'static str, got: Option<usize>, want: usize| -> Result<()> {
-        match got {
-            Some(g) if g != want => Err(Error::shape(op, arg, format!("[{want}]"), &[g])),
-            _ => Ok(()),
+    len_of(op, "target", a.target.len(), b)?;
+    for (arg, got, want) in [
+        ("row_qid", a.row_qid.map(<[i64]>::len), b),
+        ("log_q", a.log_q.map(<[f32]>::len), n),
+        ("ids", a.ids.map(<[i64]>::len), n),
+        ("valid", a.valid.map(<[bool]>::len), n),
+        ("col_qid", a.col_qid.map(<[i64]>::len), n),
+    ] {
+        if let Some(got) = got {
+            len_of(op, arg, got, want)?;
         }
-    };
-    len("target", Some(a.target.len()), b)?;
-    len("row_qid", a.row_qid.map(<[i64]>::len), b)?;
-    len("log_q", a.log_q.map(<[f32]>::len), n)?;
-    len("ids", a.ids.map(<[i64]>::len), n)?;
-    len("valid", a.valid.map(<[bool]>::len), n)?;
-    len("col_qid", a.col_qid.map(<[i64]>::len), n)?;
+    }
     // The kernels read ids[t] for every active row.
     if let Some(&t) = a.target.iter().find(|&&t| t != IBS_NONE && t as usize >= n) {
         return Err(Error::invalid(
