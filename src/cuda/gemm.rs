@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ops::gemm::{Activation, Gemm, MatView, MAX_INDEX_32};
 use crate::tensor::{Storage, Tensor};
 
-fn dt_code(d: DType) -> u32 {
+pub(super) fn dt_code(d: DType) -> u32 {
     match d {
         DType::F32 => 0,
         DType::BF16 => 1,
@@ -24,7 +24,7 @@ fn dt_code(d: DType) -> u32 {
 }
 
 /// The CUDA storage of `t`, which must live on `dev`.
-fn storage<'t>(
+pub(super) fn storage<'t>(
     op: &'static str,
     arg: &'static str,
     dev: &Arc<CudaDevice>,
@@ -41,7 +41,7 @@ fn storage<'t>(
     }
 }
 
-fn storage_mut<'t>(
+pub(super) fn storage_mut<'t>(
     op: &'static str,
     arg: &'static str,
     dev: &Arc<CudaDevice>,

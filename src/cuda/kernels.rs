@@ -9,6 +9,10 @@ pub(crate) const COMMON: &str = include_str!("../../kernels/cuda/common.cuh");
 
 /// Every kernel file: (name, text).
 pub(crate) const FILES: &[(&str, &str)] = &[
+    (
+        "inbatch_softmax.cu",
+        include_str!("../../kernels/cuda/inbatch_softmax.cu"),
+    ),
     ("gemm.cu", include_str!("../../kernels/cuda/gemm.cu")),
     (
         "gemm_aux.cu",

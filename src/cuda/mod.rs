@@ -214,6 +214,7 @@ pub fn compile_variants() -> Vec<(&'static str, Vec<String>)> {
         .into_iter()
         .map(|g| ("gemm.cu", kernels::define_strings(&g.defines())))
         .collect();
+    v.extend(softmax::compile_variants());
     v.push(("gemm_aux.cu", Vec::new()));
     v.push(("gated_cross.cu", Vec::new()));
     // Every embedded file must be covered, so a new file cannot silently escape the check.
