@@ -5,9 +5,9 @@
 //
 // Math (rows i < B of this call, columns j < N, d the embedding width):
 //   û_i = u_i / n_i,  v̂_j = c_j / m_j      n, m = max(‖·‖, ε) when L2, else no division
-//   s_ij = κ·⟨û_i, v̂_j⟩ − lq_j                                            (lq only HAS_LOGQ)
-//   j ∈ D_i ⇔ valid_j [HAS_VALID] ∧ (j = t_i ∨ (id_j ≠ id_{t_i} [HAS_IDS]
-//                                      ∧ ¬(cq_j ≥ 0 ∧ cq_j = rq_i) [HAS_QID]))
+//   s_ij = κ·⟨û_i, v̂_j⟩ − lq_j                                            (lq only with LOGQ)
+//   j ∈ D_i ⇔ valid_j [VALID] ∧ (j = t_i ∨ (id_j ≠ id_{t_i} [IDS]
+//                                  ∧ ¬(cq_j ≥ 0 ∧ cq_j = rq_i) [QID]))
 //   LSE_i = log Σ_{j∈D_i} exp s_ij          (online, base 2: x = s·log2 e, running (max, sum))
 //   P_ij = 1[j∈D_i]·exp(s_ij − LSE_i),   G_ij = a_i·(P_ij − δ_{j,t_i})
 //   dQ̂_i = κ·Σ_j G_ij v̂_j,   dV̂_j = κ·Σ_i G_ij û_i,   dκ_i = Σ_j G_ij·⟨û_i, v̂_j⟩
@@ -55,7 +55,10 @@
 //   ascending, tx ascending, splits ascending), so two runs give identical bits. No atomics.
 //
 // Variants (pipeline-overridable constants): DT_Q, DT_C, DT_X dtype codes (0 f32, 1 bf16,
-//   2 f16); L2; HAS_LOGQ, HAS_IDS, HAS_VALID, HAS_QID (absent metadata is never read).
+//   2 f16). The features are run-time bits of the uniform `flags` instead (F_L2, F_LOGQ,
+//   F_IDS, F_VALID, F_QID; l2_finish_main: `l2`): they are uniform branches, cheap on every
+//   GPU, and as overrides they would multiply the pipelines to compile by 32 (seconds each
+//   on a software adapter). Absent metadata is never read.
 //
 // Workgroup memory: fwd 2·16·68·4 = 8704 B (reused for the row reduction); gq/gc 8704 B +
 //   64·64·4 = 16384 B for G, 25088 B in all (the host checks the device limit).
@@ -73,11 +76,6 @@
 override DT_Q: u32 = 0u;
 override DT_C: u32 = 0u;
 override DT_X: u32 = 0u;
-override L2: bool = false;
-override HAS_LOGQ: bool = false;
-override HAS_IDS: bool = false;
-override HAS_VALID: bool = false;
-override HAS_QID: bool = false;
 
 const TILE: u32 = 64u;
 const DK: u32 = 16u;
@@ -93,11 +91,17 @@ const LN2: f32 = 0.6931471805599453;
 const ROW_WORDS: u32 = 8u;
 const COL_WORDS: u32 = 8u;
 const WG1: u32 = 256u;
+// Bits of SmParams.flags.
+const F_L2: u32 = 1u;
+const F_LOGQ: u32 = 2u;
+const F_IDS: u32 = 4u;
+const F_VALID: u32 = 8u;
+const F_QID: u32 = 16u;
 
 struct SmParams {
     b: u32, n: u32, d: u32, splits: u32,
     col_beg: u32, col_end: u32, col_tiles: u32, tiles_per_split: u32,
-    row_blocks: u32, kappa: f32, _p0: u32, _p1: u32,
+    row_blocks: u32, kappa: f32, flags: u32, _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: SmParams;
@@ -127,6 +131,10 @@ var<private> c_valid: array<bool, 4>;
 var<private> c_id: array<vec2<u32>, 4>;
 var<private> c_qid: array<vec2<u32>, 4>;
 
+fn has(bit: u32) -> bool {
+    return (P.flags & bit) != 0u;
+}
+
 // û(i, k), zero outside [B, d].
 fn q_unit(i: u32, k: u32) -> f32 {
     if (i >= P.b || k >= P.d) {
@@ -134,7 +142,7 @@ fn q_unit(i: u32, k: u32) -> f32 {
     }
     let e = i * P.d + k;
     var x = decode(q_buf[word_of(e, DT_Q)], e, DT_Q);
-    if (L2) {
+    if (has(F_L2)) {
         x = x / norms[i];
     }
     return x;
@@ -147,7 +155,7 @@ fn c_unit(j: u32, k: u32) -> f32 {
     }
     let e = j * P.d + k;
     var x = decode(c_buf[word_of(e, DT_C)], e, DT_C);
-    if (L2) {
+    if (has(F_L2)) {
         x = x / norms[P.b + j];
     }
     return x;
@@ -182,16 +190,16 @@ fn load_cols(col0: u32, tx: u32) {
         c_qid[c] = vec2<u32>(0u, 0u);
         if (j < P.col_end) {
             let w = j * COL_WORDS;
-            if (HAS_LOGQ) {
+            if (has(F_LOGQ)) {
                 c_lq[c] = bitcast<f32>(colm[w]);
             }
-            if (HAS_VALID) {
+            if (has(F_VALID)) {
                 c_valid[c] = colm[w + 1u] != 0u;
             }
-            if (HAS_IDS) {
+            if (has(F_IDS)) {
                 c_id[c] = vec2<u32>(colm[w + 2u], colm[w + 3u]);
             }
-            if (HAS_QID) {
+            if (has(F_QID)) {
                 c_qid[c] = vec2<u32>(colm[w + 4u], colm[w + 5u]);
             }
         }
@@ -203,16 +211,16 @@ fn in_domain(r: u32, c: u32, j: u32) -> bool {
     if (!c_in[c] || r_t[r] == NONE) {
         return false;
     }
-    if (HAS_VALID && !c_valid[c]) {
+    if (has(F_VALID) && !c_valid[c]) {
         return false;
     }
     if (j == r_t[r]) {
         return true;
     }
-    if (HAS_IDS && all(c_id[c] == r_tid[r])) {
+    if (has(F_IDS) && all(c_id[c] == r_tid[r])) {
         return false;
     }
-    if (HAS_QID && bitcast<i32>(c_qid[c].y) >= 0 && all(c_qid[c] == r_qid[r])) {
+    if (has(F_QID) && bitcast<i32>(c_qid[c].y) >= 0 && all(c_qid[c] == r_qid[r])) {
         return false;
     }
     return true;
@@ -220,7 +228,7 @@ fn in_domain(r: u32, c: u32, j: u32) -> bool {
 
 fn logit(dot: f32, c: u32) -> f32 {
     var s = P.kappa * dot;
-    if (HAS_LOGQ) {
+    if (has(F_LOGQ)) {
         s = s - c_lq[c];
     }
     return s;
@@ -636,7 +644,7 @@ fn gc_main(
 
 struct NormParams {
     rows: u32, d: u32, x_row0: u32, out_off: u32,
-    eps: f32, kappa: f32, _p0: u32, _p1: u32,
+    eps: f32, kappa: f32, l2: u32, _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> RN: NormParams;
@@ -688,7 +696,7 @@ fn l2_finish_main(
         return;
     }
     let gb = r * RN.d;
-    if (!L2) {
+    if (RN.l2 == 0u) {
         for (var k = 0u; k < RN.d; k += 1u) {
             lf_g[gb + k] = bitcast<u32>(bitcast<f32>(lf_g[gb + k]) * RN.kappa);
         }

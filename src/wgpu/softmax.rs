@@ -89,11 +89,18 @@ fn dtype_code(d: DType) -> f64 {
     }
 }
 
-fn flag(b: bool) -> f64 {
-    if b {
-        1.0
+/// Feature bits of the shader's uniform `flags`.
+const F_L2: u32 = 1;
+const F_LOGQ: u32 = 2;
+const F_IDS: u32 = 4;
+const F_VALID: u32 = 8;
+const F_QID: u32 = 16;
+
+fn flag(on: bool, bit: u32) -> u32 {
+    if on {
+        bit
     } else {
-        0.0
+        0
     }
 }
 
@@ -167,14 +174,26 @@ struct Call<'a> {
     /// f32 [B + N] norms when L2 (from the pool).
     norms: Option<wgpu::Buffer>,
     constants: Vec<(&'static str, f64)>,
+    /// The shader's F_* feature bits.
+    flags: u32,
 }
 
 fn check_args(d: &Arc<WgpuDevice>, a: &SoftmaxArgs<'_>) -> Result<()> {
     if a.q.shape() != [a.b, a.d] {
-        return Err(Error::shape(OP, "q", format!("[{}, {}]", a.b, a.d), a.q.shape()));
+        return Err(Error::shape(
+            OP,
+            "q",
+            format!("[{}, {}]", a.b, a.d),
+            a.q.shape(),
+        ));
     }
     if a.c.shape() != [a.n, a.d] {
-        return Err(Error::shape(OP, "c", format!("[{}, {}]", a.n, a.d), a.c.shape()));
+        return Err(Error::shape(
+            OP,
+            "c",
+            format!("[{}, {}]", a.n, a.d),
+            a.c.shape(),
+        ));
     }
     let len = |arg: &'static str, got: usize, want: usize| -> Result<()> {
         if got != want {
@@ -199,7 +218,11 @@ fn check_args(d: &Arc<WgpuDevice>, a: &SoftmaxArgs<'_>) -> Result<()> {
         len("col_qid", v.len(), a.n)?;
     }
     if a.target.iter().any(|&t| t != u32::MAX && t as usize >= a.n) {
-        return Err(Error::invalid(OP, "target", "a target column is out of range"));
+        return Err(Error::invalid(
+            OP,
+            "target",
+            "a target column is out of range",
+        ));
     }
     u32_of("q", "B·d", a.b.saturating_mul(a.d))?;
     u32_of("c", "N·d", a.n.saturating_mul(a.d))?;
@@ -277,12 +300,12 @@ impl<'a> Call<'a> {
             constants: vec![
                 ("DT_Q", dtype_code(a.q.dtype())),
                 ("DT_C", dtype_code(a.c.dtype())),
-                ("L2", flag(a.l2)),
-                ("HAS_LOGQ", flag(a.log_q.is_some())),
-                ("HAS_IDS", flag(a.ids.is_some())),
-                ("HAS_VALID", flag(a.valid.is_some())),
-                ("HAS_QID", flag(qid)),
             ],
+            flags: flag(a.l2, F_L2)
+                | flag(a.log_q.is_some(), F_LOGQ)
+                | flag(a.ids.is_some(), F_IDS)
+                | flag(a.valid.is_some(), F_VALID)
+                | flag(qid, F_QID),
         })
     }
 
@@ -294,7 +317,13 @@ impl<'a> Call<'a> {
         let mut out = Vec::new();
         for (x, dt, rows, x_row0, out_off) in [
             (self.q, a.q.dtype(), a.b, 0, 0),
-            (self.c, a.c.dtype(), cols.len(), cols.start, a.b + cols.start),
+            (
+                self.c,
+                a.c.dtype(),
+                cols.len(),
+                cols.start,
+                a.b + cols.start,
+            ),
         ] {
             if rows == 0 {
                 continue;
@@ -320,7 +349,12 @@ impl<'a> Call<'a> {
     }
 
     /// The uniform block of the tiled kernels.
-    fn main_uniform(a: &SoftmaxArgs<'_>, g: &Geometry, cols: &Range<usize>) -> Result<Vec<u32>> {
+    fn main_uniform(
+        &self,
+        a: &SoftmaxArgs<'_>,
+        g: &Geometry,
+        cols: &Range<usize>,
+    ) -> Result<Vec<u32>> {
         Ok(vec![
             u32_of("q", "B", a.b)?,
             u32_of("c", "N", a.n)?,
@@ -332,6 +366,7 @@ impl<'a> Call<'a> {
             u32_of("c", "tiles per split", g.tiles_per_split)?,
             u32_of("q", "row blocks", g.row_blocks)?,
             a.kappa.to_bits(),
+            self.flags,
         ])
     }
 
@@ -357,7 +392,7 @@ fn finish_launch<'a>(
 ) -> Result<Launch<'a>> {
     Ok(Launch {
         kernel: L2_FINISH,
-        constants: vec![("DT_X", dtype_code(dt)), ("L2", flag(a.l2))],
+        constants: vec![("DT_X", dtype_code(dt))],
         uniform: vec![
             u32_of("q", "rows", rows)?,
             u32_of("q", "d", a.d)?,
@@ -365,6 +400,7 @@ fn finish_launch<'a>(
             u32_of("q", "norm offset", norm_off)?,
             a.eps.to_bits(),
             a.kappa.to_bits(),
+            u32::from(a.l2),
         ],
         buffers: vec![&x.buffer, norms.unwrap_or(&d.dummy_ro), g],
         grid: [(rows as u64).div_ceil(u64::from(WG1)), 1, 1],
@@ -391,7 +427,7 @@ pub(crate) fn forward(d: &Arc<WgpuDevice>, a: &SoftmaxArgs<'_>) -> Result<(Vec<f
         launches.push(Launch {
             kernel: FWD,
             constants: call.constants.clone(),
-            uniform: Call::main_uniform(a, &g, &(0..a.n))?,
+            uniform: call.main_uniform(a, &g, &(0..a.n))?,
             buffers: vec![
                 &call.q.buffer,
                 &call.c.buffer,
@@ -466,7 +502,7 @@ pub(crate) fn grad_queries(
         launches.push(Launch {
             kernel: GQ,
             constants: call.constants.clone(),
-            uniform: Call::main_uniform(a, &g, &(0..a.n))?,
+            uniform: call.main_uniform(a, &g, &(0..a.n))?,
             buffers: vec![
                 &call.q.buffer,
                 &call.c.buffer,
@@ -541,7 +577,7 @@ pub(crate) fn grad_columns(
         launches.push(Launch {
             kernel: GC,
             constants: call.constants.clone(),
-            uniform: Call::main_uniform(a, &g, &range)?,
+            uniform: call.main_uniform(a, &g, &range)?,
             buffers: vec![
                 &call.q.buffer,
                 &call.c.buffer,
@@ -574,6 +610,110 @@ pub(crate) fn grad_columns(
 #[cfg(test)]
 mod tests {
     use super::geometry;
+    use crate::device::{Device, WgpuOptions};
+    use crate::dtype::DType;
+    use crate::ops::backend;
+    use crate::ops::inbatch_softmax::SoftmaxArgs;
+    use crate::tensor::Tensor;
+
+    fn device() -> Option<Device> {
+        match super::WgpuDevice::new(&WgpuOptions {
+            allow_software: true,
+        }) {
+            Ok(d) => Some(Device::Wgpu(d)),
+            Err(e) => {
+                let required = std::env::var("RECFUSE_REQUIRE").is_ok_and(|v| v.contains("wgpu"));
+                assert!(!required, "RECFUSE_REQUIRE asks for wgpu, but: {e}");
+                eprintln!("SKIPPED: wgpu unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Deterministic values in (-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The owner-computes path: column gradients of a sub-range (starting mid-tile, so the
+    /// norms, metadata and output offsets are all exercised), against the CPU backend, with L2
+    /// on and off; with forward statistics from the wgpu forward itself.
+    #[test]
+    fn column_range_matches_the_cpu() {
+        let Some(dev) = device() else { return };
+        let (b, n, d) = (37, 257, 19);
+        let (qv, cv) = (values(b * d, 1), values(n * d, 2));
+        let target: Vec<u32> = (0..b as u32)
+            .map(|i| if i == 5 { u32::MAX } else { i * 3 })
+            .collect();
+        let log_q: Vec<f32> = values(n, 3).iter().map(|v| v - 1.5).collect();
+        let ids: Vec<i64> = (0..n as i64).map(|j| (j * 7) % 101 - 50).collect();
+        let valid: Vec<bool> = (0..n).map(|j| j % 11 != 4).collect();
+        let row_qid: Vec<i64> = (0..b as i64).map(|i| i / 3).collect();
+        let col_qid: Vec<i64> = (0..n as i64)
+            .map(|j| if j < 90 { j / 9 } else { -1 })
+            .collect();
+        let coef: Vec<f32> = (0..b)
+            .map(|i| {
+                if i % 4 == 1 {
+                    0.0
+                } else {
+                    0.05 * (i as f32 + 1.0)
+                }
+            })
+            .collect();
+        for l2 in [true, false] {
+            let mut outs = Vec::new();
+            for dv in [&dev, &Device::Cpu] {
+                let q = Tensor::from_f32(&qv, &[b, d], DType::F32, dv).unwrap();
+                let c = Tensor::from_f32(&cv, &[n, d], DType::BF16, dv).unwrap();
+                let a = SoftmaxArgs {
+                    b,
+                    n,
+                    d,
+                    q: &q,
+                    c: &c,
+                    kappa: 3.0,
+                    l2,
+                    eps: 1e-12,
+                    target: &target,
+                    log_q: Some(&log_q),
+                    ids: Some(&ids),
+                    valid: Some(&valid),
+                    row_qid: Some(&row_qid),
+                    col_qid: Some(&col_qid),
+                };
+                let (lse, _) = backend::softmax_forward(dv, &a).unwrap();
+                let range = 70..201;
+                let mut dc = Tensor::zeros(&[range.len(), d], DType::F32, dv).unwrap();
+                backend::softmax_grad_columns(dv, &a, &coef, &lse, range, &mut dc).unwrap();
+                outs.push((lse, dc.to_f32_vec().unwrap()));
+            }
+            let (w, c) = (&outs[0], &outs[1]);
+            for (i, (x, y)) in w.0.iter().zip(&c.0).enumerate() {
+                assert!(
+                    x == y || (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                    "l2={l2} lse[{i}]: wgpu {x}, cpu {y}"
+                );
+            }
+            let scale = c.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0);
+            for (e, (x, y)) in w.1.iter().zip(&c.1).enumerate() {
+                assert!(
+                    (x - y).abs() <= 2e-5 * scale,
+                    "l2={l2} dc[{e}]: wgpu {x}, cpu {y}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn column_split_fills_small_batches_and_never_leaves_a_split_empty() {
@@ -591,7 +731,10 @@ mod tests {
                 let g = geometry(b, n);
                 assert!(g.row_blocks >= 1 && g.col_tiles >= 1 && g.splits >= 1);
                 assert!(g.splits * g.tiles_per_split >= g.col_tiles, "{b} {n} {g:?}");
-                assert!((g.splits - 1) * g.tiles_per_split < g.col_tiles, "{b} {n} {g:?}");
+                assert!(
+                    (g.splits - 1) * g.tiles_per_split < g.col_tiles,
+                    "{b} {n} {g:?}"
+                );
             }
         }
     }
