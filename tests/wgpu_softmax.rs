@@ -393,18 +393,31 @@ fn masked_and_padding_rows() {
     p.row_qid = vec![5, 101, 102, 103, 104, 105];
     p.col_qid = (0..p.n).map(|j| if j == 0 { -1 } else { 5 }).collect();
     check("masked", &p, ALL, DType::F32);
-    // As an NTR row, p = 1 makes the loss unbounded; the op clamps 1 − p (the f64 reference
-    // does not), so compare with the CPU backend: finite and equal.
+    // As an NTR row, p = 1 makes the loss unbounded; the op clamps 1 − p at 1e-30 (the f64
+    // reference does not). Whether 1 − p rounds to 0 or to a few ulps depends on the last bit
+    // of LSE − s_t, so that row's loss and gradient scale are ill-conditioned by design: ask
+    // only that nothing is NaN or infinite there, and that the other rows are unaffected.
     p.kind[0] = RowKind::Ntr;
     let (o, cpu) = (
         run(&p, ALL, 4.0, &dev, DType::F32),
         run(&p, ALL, 4.0, &Device::cpu(), DType::F32),
     );
-    assert!(o.loss.is_finite() && (o.loss - cpu.loss).abs() <= 1e-5 * cpu.loss.abs().max(1.0));
-    let want: Vec<f64> = cpu.dq.iter().chain(&cpu.dc).map(|&v| v as f64).collect();
-    let got: Vec<f32> = o.dq.iter().chain(&o.dc).copied().collect();
-    assert!(rel_err(&got, &want) <= 1e-5, "NTR p = 1 gradients");
-    assert!((o.dk - cpu.dk).abs() <= 1e-5 * cpu.dk.abs().max(1.0));
+    assert!(
+        o.loss.is_finite() && o.dk.is_finite(),
+        "NTR p = 1: loss {}, dκ {}",
+        o.loss,
+        o.dk
+    );
+    assert!(
+        o.dq.iter().chain(&o.dc).all(|v| v.is_finite()),
+        "NTR p = 1: gradients"
+    );
+    let d = p.d;
+    let want: Vec<f64> = cpu.dq[d..].iter().map(|&v| v as f64).collect();
+    assert!(
+        rel_err(&o.dq[d..], &want) <= 1e-5,
+        "NTR p = 1: the other rows' dq"
+    );
     // Every row inactive.
     let mut p0 = problem(&mut r, 5, 90, 6);
     p0.weight = vec![0.0; p0.b];

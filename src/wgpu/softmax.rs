@@ -226,7 +226,7 @@ fn check_args(d: &Arc<WgpuDevice>, a: &SoftmaxArgs<'_>) -> Result<()> {
     }
     u32_of("q", "B·d", a.b.saturating_mul(a.d))?;
     u32_of("c", "N·d", a.n.saturating_mul(a.d))?;
-    u32_of("c", "B + N", (a.b + a.n).saturating_mul(ROW_WORDS))?;
+    u32_of("c", "metadata words", (a.b + a.n).saturating_mul(ROW_WORDS))?;
     storage("q", d, a.q)?;
     storage("c", d, a.c)?;
     Ok(())
