@@ -371,12 +371,16 @@ fn half_precision_inputs() {
     }
 }
 
-/// d = 150: chunks 0 and 1 of d stay in registers, chunk 2 goes through the
+/// d > 128: chunks 0 and 1 of d stay in registers, chunk 2 goes through the
 /// read-modify-write path (query and column gradients).
 #[test]
 fn wide_embeddings() {
     let mut r = rng("wide");
     check("d=150", &problem(&mut r, 66, 300, 150), ALL, DType::F32);
+    // Exactly one and exactly two register chunks; one element past them.
+    check("d=64", &problem(&mut r, 5, 130, 64), ALL, DType::F32);
+    check("d=128", &problem(&mut r, 5, 130, 128), NONE, DType::F32);
+    check("d=129", &problem(&mut r, 70, 80, 129), ALL, DType::F32);
 }
 
 /// Padding rows, rows with an invalid target, a row whose domain is only its target (p = 1),
