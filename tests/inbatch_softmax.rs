@@ -228,13 +228,17 @@ fn fused_matches_naive_reference_every_dtype() {
                     "{what}: loss {l} vs {}",
                     want.loss
                 );
-                assert_close(
+                // Gradients sum κ·a_i·(P − δ)·v̂ terms of size ≈ κ/B (a_i = w_i/Σw); one whose
+                // terms cancel still carries their rounding, so measure against that size.
+                let floor = 4.0 / p.b as f64;
+                common::assert_close_scaled(
                     &format!("{what} dq"),
                     &dq,
                     &want.dq,
                     common::tolerance(dtype, p.n) * 10.0,
+                    floor,
                 );
-                assert_close(&format!("{what} dc"), &dc, &want.dc, tol);
+                common::assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);
                 assert!(
                     ((dk as f64) - want.dkappa).abs() <= tol * want.dkappa.abs().max(1.0),
                     "{what}: dκ {dk} vs {}",
