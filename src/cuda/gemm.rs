@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ops::gemm::{Activation, Gemm, MatView, MAX_INDEX_32};
 use crate::tensor::{Storage, Tensor};
 
-fn dt_code(d: DType) -> u32 {
+pub(super) fn dt_code(d: DType) -> u32 {
     match d {
         DType::F32 => 0,
         DType::BF16 => 1,
@@ -24,7 +24,7 @@ fn dt_code(d: DType) -> u32 {
 }
 
 /// The CUDA storage of `t`, which must live on `dev`.
-fn storage<'t>(
+pub(super) fn storage<'t>(
     op: &'static str,
     arg: &'static str,
     dev: &Arc<CudaDevice>,
@@ -41,7 +41,7 @@ fn storage<'t>(
     }
 }
 
-fn storage_mut<'t>(
+pub(super) fn storage_mut<'t>(
     op: &'static str,
     arg: &'static str,
     dev: &Arc<CudaDevice>,
@@ -59,16 +59,16 @@ fn storage_mut<'t>(
     }
 }
 
-fn ptr<'a>(s: &'a CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+pub(super) fn ptr<'a>(s: &'a CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
     s.buf.device_ptr(stream)
 }
 
-fn ptr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+pub(super) fn ptr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
     s.buf.device_ptr_mut(stream)
 }
 
 /// A size as a 32-bit kernel field.
-fn u32_of(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u32> {
+pub(super) fn u32_of(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u32> {
     if v > MAX_INDEX_32 {
         return Err(Error::invalid(
             op,
