@@ -19,6 +19,10 @@ pub(crate) const FILES: &[(&str, &str)] = &[
         include_str!("../../kernels/cuda/gated_cross.cu"),
     ),
     (
+        "attention.cu",
+        include_str!("../../kernels/cuda/attention.cu"),
+    ),
+    (
         "layernorm.cu",
         include_str!("../../kernels/cuda/layernorm.cu"),
     ),

@@ -215,6 +215,12 @@ pub fn compile_variants() -> Vec<(&'static str, Vec<String>)> {
         .collect();
     v.push(("gemm_aux.cu", Vec::new()));
     v.push(("gated_cross.cu", Vec::new()));
+    for a in attention::all_variants() {
+        v.push((
+            "attention.cu",
+            kernels::define_strings(&attention::defines(a)),
+        ));
+    }
     v.push(("layernorm.cu", Vec::new()));
     // Every embedded file must be covered, so a new file cannot silently escape the check.
     for (file, _) in kernels::FILES {
