@@ -59,16 +59,16 @@ pub(super) fn storage_mut<'t>(
     }
 }
 
-fn ptr<'a>(s: &'a CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+pub(super) fn ptr<'a>(s: &'a CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
     s.buf.device_ptr(stream)
 }
 
-fn ptr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+pub(super) fn ptr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
     s.buf.device_ptr_mut(stream)
 }
 
 /// A size as a 32-bit kernel field.
-fn u32_of(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u32> {
+pub(super) fn u32_of(op: &'static str, arg: &'static str, what: &str, v: usize) -> Result<u32> {
     if v > MAX_INDEX_32 {
         return Err(Error::invalid(
             op,

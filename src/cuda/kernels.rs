@@ -22,6 +22,14 @@ pub(crate) const FILES: &[(&str, &str)] = &[
         "gated_cross.cu",
         include_str!("../../kernels/cuda/gated_cross.cu"),
     ),
+    (
+        "attention.cu",
+        include_str!("../../kernels/cuda/attention.cu"),
+    ),
+    (
+        "layernorm.cu",
+        include_str!("../../kernels/cuda/layernorm.cu"),
+    ),
 ];
 
 /// A kernel file's complete compilation unit, or `None` for an unknown name.

@@ -217,6 +217,13 @@ pub fn compile_variants() -> Vec<(&'static str, Vec<String>)> {
     v.extend(softmax::compile_variants());
     v.push(("gemm_aux.cu", Vec::new()));
     v.push(("gated_cross.cu", Vec::new()));
+    for a in attention::all_variants() {
+        v.push((
+            "attention.cu",
+            kernels::define_strings(&attention::defines(a)),
+        ));
+    }
+    v.push(("layernorm.cu", Vec::new()));
     // Every embedded file must be covered, so a new file cannot silently escape the check.
     for (file, _) in kernels::FILES {
         if !v.iter().any(|(f, _)| f == file) {
@@ -253,6 +260,28 @@ pub fn nvrtc_info() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use crate::{Device, Error};
+
+    /// The offline compile check covers every attention bucket and the LayerNorm module.
+    #[test]
+    fn compile_variants_cover_attention_and_layernorm() {
+        let v = super::compile_variants();
+        let has = |file: &str, defs: &[&str]| {
+            v.iter()
+                .any(|(f, d)| *f == file && d.iter().map(String::as_str).eq(defs.iter().copied()))
+        };
+        for (dk, dv) in super::attention::all_variants() {
+            assert!(has(
+                "attention.cu",
+                &[&format!("DK={dk}"), &format!("DV={dv}")]
+            ));
+        }
+        assert!(
+            has("attention.cu", &["DK=16", "DV=64"]),
+            "the paper's head dims"
+        );
+        assert!(has("layernorm.cu", &[]));
+        assert_eq!(v.iter().filter(|(f, _)| *f == "attention.cu").count(), 11);
+    }
 
     /// On a machine without libcuda (or without a GPU) opening a device is a typed error, never
     /// a panic; with a GPU it succeeds. A nonexistent ordinal is an error everywhere.
