@@ -168,9 +168,25 @@ impl Tensor {
         Self::from_bytes(host.as_bytes(), dtype, shape, device)
     }
 
-    /// A tensor of zeros.
+    /// A tensor of zeros (allocated zeroed on the device: no host buffer, no copy).
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        Self::full(shape, 0.0, dtype, device)
+        let n = numel_of("Tensor::zeros", shape)?;
+        let bytes = n.checked_mul(dtype.size()).ok_or_else(|| {
+            Error::invalid(
+                "Tensor::zeros",
+                "shape",
+                format!("{shape:?} overflows usize bytes"),
+            )
+        })?;
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::filled(dtype, n, 0.0)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => Storage::Cuda(d.alloc_zeros(bytes)?),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => Storage::Wgpu(d.alloc_zeros(bytes)?),
+        };
+        let _ = bytes; // only the GPU arms need the byte count
+        Ok(Tensor::from_parts(shape.to_vec(), dtype, storage))
     }
 
     /// A tensor filled with NaN: for tests, so an element a kernel forgot to write fails the

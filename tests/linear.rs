@@ -515,3 +515,17 @@ fn bad_input_gives_typed_errors() {
         Error::InvalidArgument { .. }
     ));
 }
+
+/// `Tensor::zeros` allocates zeroed memory on the device (no host copy): check it really is
+/// zero on every backend, for every dtype and an odd byte count.
+#[test]
+fn zeros_are_zero_on_every_backend() {
+    for be in backends() {
+        for dtype in DType::ALL {
+            for _ in 0..3 {
+                let t = Tensor::zeros(&[7, 13], dtype, &be.device).unwrap();
+                assert!(t.to_f32_vec().unwrap().iter().all(|&v| v == 0.0), "{} {dtype}", be.name);
+            }
+        }
+    }
+}

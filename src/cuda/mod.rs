@@ -162,6 +162,19 @@ impl CudaDevice {
         })
     }
 
+    /// A zero-filled allocation of `nbytes` (a device memset: no host buffer, no copy).
+    pub(crate) fn alloc_zeros(self: &Arc<Self>, nbytes: usize) -> Result<CudaStorage> {
+        let buf = self
+            .stream
+            .alloc_zeros::<u8>(nbytes.max(1))
+            .map_err(|e| backend_err(&format!("allocating {nbytes} zeroed bytes"), e))?;
+        Ok(CudaStorage {
+            device: self.clone(),
+            buf,
+            len: nbytes,
+        })
+    }
+
     /// Copies the first `nbytes` of `s` to the host, after all work queued before it.
     pub(crate) fn download(&self, s: &CudaStorage, nbytes: usize) -> Result<Vec<u8>> {
         if nbytes > s.len {

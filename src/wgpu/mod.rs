@@ -321,6 +321,23 @@ impl WgpuDevice {
         })
     }
 
+    /// A zero-filled tensor buffer of `nbytes`: WebGPU zero-initialises every new buffer, so no
+    /// host data is built or copied.
+    pub(crate) fn alloc_zeros(self: &Arc<Self>, nbytes: usize) -> Result<WgpuStorage> {
+        let buffer = self.create_buffer(
+            "recfuse tensor",
+            padded(nbytes),
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            false,
+        )?;
+        Ok(WgpuStorage {
+            device: self.clone(),
+            buffer,
+        })
+    }
+
     /// Copies the first `nbytes` of `s` to the host through a MAP_READ staging buffer (waits for
     /// all work queued before).
     pub(crate) fn download(&self, s: &WgpuStorage, nbytes: usize) -> Result<Vec<u8>> {
