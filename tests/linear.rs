@@ -524,7 +524,11 @@ fn zeros_are_zero_on_every_backend() {
         for dtype in DType::ALL {
             for _ in 0..3 {
                 let t = Tensor::zeros(&[7, 13], dtype, &be.device).unwrap();
-                assert!(t.to_f32_vec().unwrap().iter().all(|&v| v == 0.0), "{} {dtype}", be.name);
+                assert!(
+                    t.to_f32_vec().unwrap().iter().all(|&v| v == 0.0),
+                    "{} {dtype}",
+                    be.name
+                );
             }
         }
     }
