@@ -373,7 +373,10 @@ fn ntr_gradient_relation() {
         query_ids: Some(&p.col_qid),
     };
     let fwd = loss.forward(&rows, &cols, None).unwrap();
-    let pt = fwd.p_target[0] as f64;
+    // p from the f32 statistics in f64 (as the kernel's row coefficient is): the stored f32 p
+    // would lose 1 − p when p is near 1.
+    let pt = ((fwd.s_target[0] - fwd.lse[0]) as f64).exp();
+    assert!((pt - fwd.p_target[0] as f64).abs() < 1e-6);
     let g = loss.backward(&rows, &cols, &fwd).unwrap();
     let k = -pt / (1.0 - pt);
     let scaled = |v: &[f64]| v.iter().map(|x| x * k).collect::<Vec<_>>();
@@ -389,7 +392,12 @@ fn ntr_gradient_relation() {
         &scaled(&dc_pos),
         1e-5,
     );
-    assert!((fwd.loss + (1.0 - pt).ln()).abs() < 1e-6);
+    let want = -(1.0 - pt).ln();
+    assert!(
+        (fwd.loss - want).abs() <= 1e-9 * want.abs().max(1.0),
+        "NTR loss {} vs {want} (p = {pt})",
+        fwd.loss
+    );
 }
 
 /// Without logQ, a row whose positive item appears several times among the columns (another
@@ -446,34 +454,49 @@ fn duplicates_equal_deduplicated_set() {
         (l_dup - l_ded).abs() < 1e-6 * l_ded.abs().max(1.0),
         "{l_dup} vs {l_ded}"
     );
-    assert_close("dq with duplicates", &dq_dup, &dq_ded, 1e-6);
-    // Without removal the copies are negatives and the loss differs.
+    assert_close("dq with duplicates", &dq_dup, &dq_ded, 1e-5);
+    // Without removal the two extra copies of each row's target are negatives with the target's
+    // own logit: each positive row's LSE grows by exactly ln(1 + 2·p_t).
     let keep = InBatchSoftmax {
         remove_accidental_hits: false,
         ..loss.clone()
     };
-    let rows = Rows {
-        queries: &q,
-        target: &[0, 3],
-        kind: &[RowKind::Pos, RowKind::Ntr],
-        weight: &[1.0, 0.7],
-        query_ids: None,
-    };
-    let l_keep = keep
-        .forward(
+    let pos = [RowKind::Pos, RowKind::Pos];
+    let forward = |l: &InBatchSoftmax, c: &Tensor, ids: &[i64], t: &[u32]| {
+        let rows = Rows {
+            queries: &q,
+            target: t,
+            kind: &pos,
+            weight: &[1.0, 0.7],
+            query_ids: None,
+        };
+        l.forward(
             &rows,
             &Columns {
-                emb: &dup,
+                emb: c,
                 log_q: None,
-                ids: Some(&dup_ids),
+                ids: Some(ids),
                 valid: None,
                 query_ids: None,
             },
             None,
         )
         .unwrap()
-        .loss;
-    assert!((l_keep - l_ded).abs() > 1e-3);
+    };
+    let ded_pos = forward(&loss, &ded, &ded_ids, &[0, 0]);
+    let kept = forward(&keep, &dup, &dup_ids, &[0, 3]);
+    let want: f64 = ded_pos.loss
+        + [1.0, 0.7]
+            .iter()
+            .zip(&ded_pos.p_target)
+            .map(|(w, p)| w * (1.0 + 2.0 * *p as f64).ln())
+            .sum::<f64>()
+            / 1.7;
+    assert!(
+        (kept.loss - want).abs() <= 1e-5 * want.abs().max(1.0),
+        "without removal: {} vs {want}",
+        kept.loss
+    );
 }
 
 #[test]
