@@ -144,6 +144,11 @@ impl CudaDevice {
         )
     }
 
+    /// The CUDA device ordinal (`N` in `cuda:N`).
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
     /// Copies host bytes into a new device allocation (ordered on the device's stream).
     pub(crate) fn upload(self: &Arc<Self>, bytes: &[u8]) -> Result<CudaStorage> {
         // SAFETY: the allocation is uninitialised; the `bytes.len()` bytes any reader may see

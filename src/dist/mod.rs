@@ -1,18 +1,25 @@
-//! Collectives for cross-device training: the [`Communicator`] trait and its in-process
-//! implementation [`LocalGroup`] (one thread per rank), the cross-device in-batch softmax
-//! ([`CrossDeviceSoftmax`]) and the streaming logQ estimator ([`LogQEstimator`]).
+//! Collectives for cross-device training: the [`Communicator`] trait, its in-process
+//! implementation [`LocalGroup`] (one thread per rank) and, with the `nccl` feature, its NCCL
+//! implementation `NcclComm` (one GPU per rank, any number of processes and nodes), the
+//! cross-device in-batch softmax ([`CrossDeviceSoftmax`]) and the streaming logQ estimator
+//! ([`LogQEstimator`]).
 //!
 //! A failed or mismatched rank yields an `Error` on every rank, never a hang: each collective
 //! waits with a deadline, checks that every rank called the same collective with consistent
 //! sizes, and a rank that leaves the group (its communicator dropped, e.g. by a panicking
-//! thread) fails the others at once.
+//! thread) fails the others at once. `NcclComm` gives the same errors for failed and mismatched
+//! collectives; a dead rank is caught by a deadline (see its docs for what that covers).
 
 mod local;
 mod logq;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod softmax;
 
 pub use local::{LocalComm, LocalGroup};
 pub use logq::{mixed_log_q, LogQEstimator};
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclComm, NcclId};
 pub use softmax::{CrossBatch, CrossDeviceSoftmax, CrossForward, CrossGrads};
 
 use crate::error::Result;

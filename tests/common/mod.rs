@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 use rand::{Rng, SeedableRng};
 use recfuse::{DType, Device, Tensor, WgpuOptions};
 
+pub mod dist;
+
 /// A backend the tests run on.
 #[derive(Clone)]
 pub struct Backend {
