@@ -33,7 +33,6 @@ At B = 1024: 17.5 GFLOP (heterogeneous), 48.1 GFLOP (Hiformer) per forward.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -44,7 +43,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("hiformer.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, time_call  # noqa: E402
+from _timing import machine_line, time_call, write_json  # noqa: E402
 
 L, D, H, DK, DV, DF, RK, RV = 38, 128, 4, 16, 64, 512, 128, 1024
 
@@ -230,6 +229,7 @@ def main():
     impls = ([] if args.no_eager else ["eager"]) + (["compile"] if args.compile else [])
     cases = GPU_CASES if args.device == "cuda" else CPU_CASES + (LARGE_CPU_CASES if args.large else [])
     rows = []
+    write_json(args.json, machine, rows, attention="sdpa" if USE_SDPA else "plain")
     for impl in impls:
         for kind, dtype, b in cases:
             if args.filter and not any(args.filter in f"{name_of(args.device, kind, dtype, b)}/{f}"
@@ -243,10 +243,7 @@ def main():
                 print(f"# skipped {name_of(args.device, kind, dtype, b)} [compile]: {e!r:.200}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "threads": torch.get_num_threads(),
-                       "attention": "sdpa" if USE_SDPA else "plain", "rows": rows}, f, indent=1)
+            write_json(args.json, machine, rows, attention="sdpa" if USE_SDPA else "plain")
 
 
 if __name__ == "__main__":

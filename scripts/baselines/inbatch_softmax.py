@@ -19,17 +19,17 @@ FLOPs (the issue's count, used for both sides): fwd 2·B·N·d, fwd_bwd 8·B·N�
 
 Peak extra memory: on CUDA measured, `torch.cuda.max_memory_allocated()` minus the allocated
 bytes before the call (inputs resident, gradients None), one call after timing. On the CPU
-(no allocator statistics) computed from shapes: the B×N tensors the naive loss materialises
-(mm output, ·κ, −logQ, the masked logits and log_softmax's output, f32; the hit mask, bool),
-and, measured with `torch.autograd.graph.saved_tensors_hooks`, the bytes autograd keeps for
-backward. Each is printed as a `# memory` line and stored in the JSON rows.
+(no allocator statistics): eager, computed from shapes, the B×N tensors the naive forward
+materialises (mm output, ·κ, −logQ, the masked logits and log_softmax's output in the dtype;
+the hit mask, bool); torch.compile, the bytes autograd keeps for backward, measured with
+`torch.autograd.graph.saved_tensors_hooks` (also printed for eager). Each is printed as a
+`# memory` line and stored in the JSON rows (`extra_bytes`, `extra_how`).
 
     python3 scripts/baselines/inbatch_softmax.py --device cpu --threads 2 [--compile] [--json out.json]
     python3 scripts/baselines/inbatch_softmax.py --device cuda --compile
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("inbatch_softmax.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, sync, time_call  # noqa: E402
+from _timing import machine_line, sync, time_call, write_json  # noqa: E402
 
 # (dtype, (B, N, d)); the same lists as benches/inbatch_softmax.rs.
 CPU_CASES = [("f32", (1024, 8192, 64))]
@@ -107,7 +107,7 @@ def saved_bytes(call):
     return sum(seen.values())
 
 
-def extra_memory(device, dtype, shape, fwd, fwd_bwd, q, c):
+def extra_memory(device, dtype, shape, impl, fwd, fwd_bwd, q, c):
     """{fn: (bytes, how)} for fwd and fwd_bwd (see the module docstring)."""
     b, n, _d = shape
     if device == "cuda":
@@ -125,13 +125,19 @@ def extra_memory(device, dtype, shape, fwd, fwd_bwd, q, c):
             q.grad = c.grad = None
             out[fn_name] = (peak, "measured: torch.cuda.max_memory_allocated() delta")
         return out
+    saved = saved_bytes(fwd)
+    kept = f"autograd keeps {saved / 2**20:.1f} MiB for backward (measured, saved_tensors_hooks)"
+    if impl == "compile":
+        how = (f"measured: autograd keeps {saved / 2**20:.1f} MiB for backward "
+               "(saved_tensors_hooks); the compiled kernels' transient B×N buffers are not "
+               "visible on the CPU (no allocator statistics)")
+        return {"fwd": (saved, how), "fwd_bwd": (saved, how)}
     elem = DTYPES[dtype].itemsize
     materialised = 5 * b * n * elem + b * n  # mm, ·κ, −logQ, masked_fill, log_softmax; bool mask
-    saved = saved_bytes(fwd)
-    how = (f"computed: 5 B×N {dtype} tensors + 1 B×N bool materialised per forward; autograd "
-           f"keeps {saved / 2**20:.1f} MiB for backward (measured with saved_tensors_hooks)")
-    return {"fwd": (materialised, how), "fwd_bwd": (materialised, how + "; backward adds B×N "
-                                                     "gradients, not counted")}
+    how = (f"computed: the forward materialises 5 B×N {dtype} tensors (mm, ·κ, −logQ, "
+           f"masked_fill, log_softmax) and the B×N bool hit mask, not all live at once; {kept}")
+    return {"fwd": (materialised, how),
+            "fwd_bwd": (materialised, how + "; backward's B×N gradients not counted")}
 
 
 def run_case(dtype, shape, device, impl, args):
@@ -166,7 +172,7 @@ def run_case(dtype, shape, device, impl, args):
                      "gflops": flops / sec / 1e9, "flops": flops})
         print(f"{name} | torch-{impl} | {sec * 1e3:.3f} | {flops / sec / 1e9:.1f}", flush=True)
     if timed:
-        mem = extra_memory(device, dtype, shape, fwd, fwd_bwd, q, c)
+        mem = extra_memory(device, dtype, shape, impl, fwd, fwd_bwd, q, c)
         for fn_name, i in timed.items():
             nbytes, how = mem[fn_name]
             rows[i]["extra_bytes"], rows[i]["extra_how"] = nbytes, how
@@ -199,6 +205,7 @@ def main():
     impls = ([] if args.no_eager else ["eager"]) + (["compile"] if args.compile else [])
     cases = GPU_CASES if args.device == "cuda" else CPU_CASES + (LARGE_CPU_CASES if args.large else [])
     rows = []
+    write_json(args.json, machine, rows)
     for impl in impls:
         for dtype, shape in cases:
             try:
@@ -209,9 +216,7 @@ def main():
                 print(f"# skipped {name_of(args.device, dtype, shape)} [compile]: {e!r:.200}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+            write_json(args.json, machine, rows)
 
 
 if __name__ == "__main__":
