@@ -61,3 +61,16 @@ def machine_line(device, threads):
         parts.append(f"MKL {torch.backends.mkl.is_available()}")
         parts.append(f"oneDNN {torch.backends.mkldnn.is_available()}")
     return "machine: " + "; ".join(parts)
+
+
+def write_json(path, machine, rows, **extra):
+    """Writes the rows so far (called after every case, so a run cut short by a timeout still
+    leaves the cases it finished)."""
+    if not path:
+        return
+    import json
+
+    with open(path + ".tmp", "w") as f:
+        json.dump({"machine": machine, "threads": torch.get_num_threads(), **extra, "rows": rows},
+                  f, indent=1)
+    os.replace(path + ".tmp", path)

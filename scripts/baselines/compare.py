@@ -40,14 +40,17 @@ def _ratio(a, b):
 IMPLS = {"torch-eager": ("torch eager", "eager"), "torch-compile": ("torch.compile", "compile")}
 
 
-def markdown_table(ours, torch_rows):
-    """Lines of a markdown table: one row per recfuse result, PyTorch columns per impl."""
+def markdown_table(ours, torch_rows, ceiling=None):
+    """Lines of a markdown table: one row per recfuse result, PyTorch columns per impl; with
+    `ceiling` (a measured GFLOP/s ceiling), a last column: recfuse's share of it."""
     theirs = {}
     for row in torch_rows:
         theirs.setdefault(row["name"], {})[row["impl"]] = row
     head = ["name", "recfuse ms", "recfuse GFLOP/s"]
     for label, short in IMPLS.values():
         head += [f"{label} ms", f"{label} GFLOP/s", f"recfuse / {short}"]
+    if ceiling:
+        head.append("recfuse / ceiling")
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name in sorted(ours):
         sec, flops = ours[name]
@@ -59,6 +62,8 @@ def markdown_table(ours, torch_rows):
                 cells += [f"{row['time_ms']:.3f}", f"{row['gflops']:.1f}", _ratio(gf, row["gflops"])]
             else:
                 cells += ["–", "–", "–"]
+        if ceiling:
+            cells.append(f"{gf / ceiling:.0%}" if gf else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -14,7 +14,6 @@ FLOPs (the spec's count): forward 4·B·D²·L gated (2·B·D²·L DCN-V2), back
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("gated_cross.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, time_call  # noqa: E402
+from _timing import machine_line, time_call, write_json  # noqa: E402
 
 # (mode, dtype, (B, D, L)); the same lists as benches/gated_cross.rs.
 CPU_CASES = [
@@ -135,6 +134,7 @@ def main():
     impls = ([] if args.no_eager else ["eager"]) + (["compile"] if args.compile else [])
     cases = GPU_CASES if args.device == "cuda" else CPU_CASES + (LARGE_CPU_CASES if args.large else [])
     rows = []
+    write_json(args.json, machine, rows)
     for impl in impls:
         for mode, dtype, shape in cases:
             try:
@@ -145,9 +145,7 @@ def main():
                 print(f"# skipped {name_of(args.device, mode, dtype, shape)} [compile]: {e!r:.200}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+            write_json(args.json, machine, rows)
 
 
 if __name__ == "__main__":

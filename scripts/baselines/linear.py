@@ -24,7 +24,6 @@ per-call time over batches.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -35,7 +34,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("linear.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, time_call  # noqa: E402
+from _timing import machine_line, time_call, write_json  # noqa: E402
 
 # (dtype, (M, K, N) or (B, G, K, N)); the same lists as CPU_CASES / GPU_CASES in benches/linear.rs.
 CPU_CASES = [
@@ -155,6 +154,7 @@ def main():
     impls = ([] if args.no_eager else ["eager"]) + (["compile"] if args.compile else [])
     cases = GPU_CASES if args.device == "cuda" else CPU_CASES
     rows = []
+    write_json(args.json, machine, rows)
     for impl in impls:
         for dtype, shape in cases:
             prefix = f"{args.device}/linear/{dtype}/{shape_name(shape)}"
@@ -168,10 +168,7 @@ def main():
                 print(f"# skipped {prefix} [compile]: {type(e).__name__}: {str(e)[:200]}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "threads": torch.get_num_threads(), "rows": rows}, f,
-                      indent=1)
+            write_json(args.json, machine, rows)
 
 
 if __name__ == "__main__":
