@@ -63,6 +63,28 @@ def machine_line(device, threads):
     return "machine: " + "; ".join(parts)
 
 
+def time_rows(prefix, impl, calls, device, args):
+    """Times each `(fn_name, call, flops)` under `prefix/fn_name` (skipping names that miss
+    `args.filter`), prints a table line per call and returns the rows. A `torch.compile` failure
+    (no C++ toolchain, an unsupported op) skips that call with a note; an eager failure raises."""
+    rows = []
+    for fn_name, call, flops in calls:
+        name = f"{prefix}/{fn_name}"
+        if args.filter and args.filter not in name:
+            continue
+        try:
+            sec = time_call(call, device, args.warmup, args.repeats, args.min_batch_ms)
+        except Exception as e:
+            if impl != "compile":
+                raise
+            print(f"# skipped {name} [compile]: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        rows.append({"name": name, "impl": f"torch-{impl}", "time_ms": sec * 1e3,
+                     "gflops": flops / sec / 1e9, "flops": flops})
+        print(f"{name} | torch-{impl} | {sec * 1e3:.3f} | {flops / sec / 1e9:.1f}", flush=True)
+    return rows
+
+
 def write_json(path, machine, rows, **extra):
     """Writes the rows so far (called after every case, so a run cut short by a timeout still
     leaves the cases it finished)."""

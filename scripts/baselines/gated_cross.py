@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("gated_cross.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, time_call, write_json  # noqa: E402
+from _timing import machine_line, time_rows, write_json  # noqa: E402
 
 # (mode, dtype, (B, D, L)); the same lists as benches/gated_cross.rs.
 CPU_CASES = [
@@ -91,22 +91,8 @@ def run_case(mode, dtype, shape, device, impl, args):
             p.grad = None
         fn(x0, ws, bs, gs).backward(dy)
 
-    rows = []
-    prefix = name_of(device, mode, dtype, shape)
-    for fn_name, call, flops in (("fwd", fwd, fwd_flops), ("fwd_bwd", fwd_bwd, 3 * fwd_flops)):
-        name = f"{prefix}/{fn_name}"
-        if args.filter and args.filter not in name:
-            continue
-        try:
-            sec = time_call(call, device, args.warmup, args.repeats, args.min_batch_ms)
-        except Exception as e:  # torch.compile can fail without a C++ toolchain
-            if impl != "compile":
-                raise
-            print(f"# skipped {name} [compile]: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        rows.append({"name": name, "impl": f"torch-{impl}", "time_ms": sec * 1e3,
-                     "gflops": flops / sec / 1e9, "flops": flops})
-        print(f"{name} | torch-{impl} | {sec * 1e3:.3f} | {flops / sec / 1e9:.1f}", flush=True)
+    calls = (("fwd", fwd, fwd_flops), ("fwd_bwd", fwd_bwd, 3 * fwd_flops))
+    rows = time_rows(name_of(device, mode, dtype, shape), impl, calls, device, args)
     return rows
 
 

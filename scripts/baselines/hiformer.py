@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("hiformer.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, time_call, write_json  # noqa: E402
+from _timing import machine_line, time_rows, write_json  # noqa: E402
 
 L, D, H, DK, DV, DF, RK, RV = 38, 128, 4, 16, 64, 512, 128, 1024
 
@@ -167,22 +167,8 @@ def run_case(kind, dtype, b, device, impl, args):
         fn(x, p).backward(dz)
 
     flops = fwd_flops(kind, b)
-    prefix = name_of(device, kind, dtype, b)
-    rows = []
-    for fn_name, call, fl in (("fwd", fwd, flops), ("fwd_bwd", fwd_bwd, 3 * flops)):
-        name = f"{prefix}/{fn_name}"
-        if args.filter and args.filter not in name:
-            continue
-        try:
-            sec = time_call(call, device, args.warmup, args.repeats, args.min_batch_ms)
-        except Exception as e:  # torch.compile can fail without a C++ toolchain
-            if impl != "compile":
-                raise
-            print(f"# skipped {name} [compile]: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        rows.append({"name": name, "impl": f"torch-{impl}", "time_ms": sec * 1e3,
-                     "gflops": fl / sec / 1e9, "flops": fl})
-        print(f"{name} | torch-{impl} | {sec * 1e3:.3f} | {fl / sec / 1e9:.1f}", flush=True)
+    calls = (("fwd", fwd, flops), ("fwd_bwd", fwd_bwd, 3 * flops))
+    rows = time_rows(name_of(device, kind, dtype, b), impl, calls, device, args)
     return rows
 
 

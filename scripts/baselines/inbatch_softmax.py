@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("inbatch_softmax.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, sync, time_call, write_json  # noqa: E402
+from _timing import machine_line, sync, time_rows, write_json  # noqa: E402
 
 # (dtype, (B, N, d)); the same lists as benches/inbatch_softmax.rs.
 CPU_CASES = [("f32", (1024, 8192, 64))]
@@ -153,24 +153,9 @@ def run_case(dtype, shape, device, impl, args):
         fn(q, c, log_q, ids, target, KAPPA).backward()
 
     fwd_flops = 2 * b * n * d
-    prefix = name_of(device, dtype, shape)
-    rows = []
-    timed = {}
-    for fn_name, call, flops in (("fwd", fwd, fwd_flops), ("fwd_bwd", fwd_bwd, 4 * fwd_flops)):
-        name = f"{prefix}/{fn_name}"
-        if args.filter and args.filter not in name:
-            continue
-        try:
-            sec = time_call(call, device, args.warmup, args.repeats, args.min_batch_ms)
-        except Exception as e:  # torch.compile can fail without a C++ toolchain
-            if impl != "compile":
-                raise
-            print(f"# skipped {name} [compile]: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        timed[fn_name] = len(rows)
-        rows.append({"name": name, "impl": f"torch-{impl}", "time_ms": sec * 1e3,
-                     "gflops": flops / sec / 1e9, "flops": flops})
-        print(f"{name} | torch-{impl} | {sec * 1e3:.3f} | {flops / sec / 1e9:.1f}", flush=True)
+    calls = (("fwd", fwd, fwd_flops), ("fwd_bwd", fwd_bwd, 4 * fwd_flops))
+    rows = time_rows(name_of(device, dtype, shape), impl, calls, device, args)
+    timed = {r["name"].rsplit("/", 1)[1]: i for i, r in enumerate(rows)}
     if timed:
         mem = extra_memory(device, dtype, shape, impl, fwd, fwd_bwd, q, c)
         for fn_name, i in timed.items():

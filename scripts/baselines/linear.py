@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - reported to the user
     sys.exit("linear.py: PyTorch is not installed (pip install torch)")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine_line, time_call, write_json  # noqa: E402
+from _timing import machine_line, time_rows, write_json  # noqa: E402
 
 # (dtype, (M, K, N) or (B, G, K, N)); the same lists as CPU_CASES / GPU_CASES in benches/linear.rs.
 CPU_CASES = [
@@ -106,24 +106,8 @@ def run_case(name_prefix, shape, dtype, device, impl, args):
         x.grad = w.grad = b.grad = None
         layer(x, w, b).backward(dy)
 
-    rows = []
-    for fn_name, call, flops in (
-        ("fwd", fwd, fwd_flops(shape)),
-        ("fwd_bwd", fwd_bwd, 3 * fwd_flops(shape)),
-    ):
-        name = f"{name_prefix}/{fn_name}"
-        if args.filter and args.filter not in name:
-            continue
-        try:
-            sec = time_call(call, device, args.warmup, args.repeats, args.min_batch_ms)
-        except Exception as e:  # torch.compile can fail on machines without a C++ toolchain
-            if impl != "compile":
-                raise
-            print(f"# skipped {name} [compile]: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        rows.append({"name": name, "impl": f"torch-{impl}", "time_ms": sec * 1e3,
-                     "gflops": flops / sec / 1e9, "flops": flops})
-        print(f"{name} | torch-{impl} | {sec * 1e3:.3f} | {flops / sec / 1e9:.1f}", flush=True)
+    calls = (("fwd", fwd, fwd_flops(shape)), ("fwd_bwd", fwd_bwd, 3 * fwd_flops(shape)))
+    rows = time_rows(name_prefix, impl, calls, device, args)
     return rows
 
 
