@@ -4,74 +4,18 @@
 
 mod common;
 
+use common::softmax::Problem;
 use common::{assert_close, backends, finite_diff, rng};
 use rand::Rng;
 use recfuse::cpu::reference::{self, RefRowKind, RefSoftmax};
 use recfuse::ops::inbatch_softmax::{Columns, InBatchSoftmax, Reduction, RowKind, Rows};
 use recfuse::{DType, Device, Error, Tensor};
 
-/// A random problem: B rows over N columns, with ids (some duplicated), logQ, validity, query
-/// ids, mixed POS/NTR rows and a padding row.
-struct Problem {
-    b: usize,
-    n: usize,
-    d: usize,
-    q: Vec<f32>,
-    c: Vec<f32>,
-    target: Vec<u32>,
-    kind: Vec<RowKind>,
-    weight: Vec<f32>,
-    log_q: Vec<f32>,
-    ids: Vec<i64>,
-    valid: Vec<bool>,
-    row_qid: Vec<i64>,
-    col_qid: Vec<i64>,
-}
-
+/// The shared random problem plus one padding row (w = 0).
 fn problem(r: &mut impl Rng, b: usize, n: usize, d: usize) -> Problem {
-    assert!(n >= b);
-    let q = common::uniform(r, b * d, 1.0);
-    let c = common::uniform(r, n * d, 1.0);
-    let target: Vec<u32> = (0..b as u32).collect();
-    let kind = (0..b)
-        .map(|i| {
-            if i % 3 == 2 {
-                RowKind::Ntr
-            } else {
-                RowKind::Pos
-            }
-        })
-        .collect();
-    let mut weight: Vec<f32> = (0..b).map(|_| r.random_range(0.5..1.5)).collect();
-    weight[b - 1] = 0.0; // a padding row
-    let log_q = (0..n).map(|_| r.random_range(-3.0..0.0)).collect();
-    // Item ids drawn from a small pool so accidental hits happen.
-    let ids = (0..n)
-        .map(|_| r.random_range(0..(n as i64 / 2).max(2)))
-        .collect();
-    let mut valid: Vec<bool> = (0..n).map(|_| r.random_range(0.0..1.0) > 0.1).collect();
-    for t in &target[..b - 1] {
-        valid[*t as usize] = true;
-    }
-    let row_qid: Vec<i64> = (0..b).map(|i| (i / 2) as i64).collect();
-    let col_qid = (0..n)
-        .map(|j| if j < b { row_qid[j] } else { -1 })
-        .collect();
-    Problem {
-        b,
-        n,
-        d,
-        q,
-        c,
-        target,
-        kind,
-        weight,
-        log_q,
-        ids,
-        valid,
-        row_qid,
-        col_qid,
-    }
+    let mut p = common::softmax::problem(r, b, n, d);
+    p.weight[b - 1] = 0.0;
+    p
 }
 
 #[derive(Clone, Copy)]

@@ -8,11 +8,14 @@
 //! Needs an adapter; a software one (Mesa lavapipe) is accepted. Without one every test prints
 //! `SKIPPED: wgpu unavailable: <reason>` and passes, unless `RECFUSE_REQUIRE` names `wgpu`.
 
+mod common;
+
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use common::softmax::Problem;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use recfuse::cpu::reference::{self, RefRowKind, RefSoftmax};
 use recfuse::ops::inbatch_softmax::{Columns, InBatchSoftmax, RowKind, Rows};
 use recfuse::{DType, Device, Tensor, WgpuOptions};
@@ -73,72 +76,15 @@ const NONE: Features = Features {
     l2: false,
 };
 
-/// A random problem: rows target columns 0..B (the in-batch positives), ids from a small pool
-/// (accidental hits happen), pairs of rows share a query id, ~10% invalid columns, mixed POS
-/// and NTR rows, and — when B > 2 — one padding row (w = 0) and one row with an invalid target.
-struct Problem {
-    b: usize,
-    n: usize,
-    d: usize,
-    q: Vec<f32>,
-    c: Vec<f32>,
-    target: Vec<u32>,
-    kind: Vec<RowKind>,
-    weight: Vec<f32>,
-    log_q: Vec<f32>,
-    ids: Vec<i64>,
-    valid: Vec<bool>,
-    row_qid: Vec<i64>,
-    col_qid: Vec<i64>,
-}
-
+/// The shared random problem (tests/common/softmax.rs) plus, when B > 2, one padding row
+/// (w = 0) and one row with an invalid target.
 fn problem(r: &mut StdRng, b: usize, n: usize, d: usize) -> Problem {
-    assert!(n >= b);
-    let mut u = |k: usize, s: f32| (0..k).map(|_| r.random_range(-s..s)).collect::<Vec<f32>>();
-    let q = u(b * d, 1.0);
-    let c = u(n * d, 1.0);
-    let target: Vec<u32> = (0..b as u32).collect();
-    let kind = (0..b)
-        .map(|i| {
-            if i % 3 == 2 {
-                RowKind::Ntr
-            } else {
-                RowKind::Pos
-            }
-        })
-        .collect();
-    let mut weight: Vec<f32> = (0..b).map(|_| r.random_range(0.5..1.5)).collect();
-    let log_q = (0..n).map(|_| r.random_range(-3.0..0.0)).collect();
-    let ids = (0..n)
-        .map(|_| r.random_range(0..(n as i64 / 2).max(2)))
-        .collect();
-    let mut valid: Vec<bool> = (0..n).map(|_| r.random_range(0.0..1.0) > 0.1).collect();
-    for &t in &target {
-        valid[t as usize] = true;
-    }
+    let mut p = common::softmax::problem(r, b, n, d);
     if b > 2 {
-        weight[b - 1] = 0.0;
-        valid[target[1] as usize] = false;
+        p.weight[b - 1] = 0.0;
+        p.valid[p.target[1] as usize] = false;
     }
-    let row_qid: Vec<i64> = (0..b).map(|i| (i / 2) as i64).collect();
-    let col_qid = (0..n)
-        .map(|j| if j < b { row_qid[j] } else { -1 })
-        .collect();
-    Problem {
-        b,
-        n,
-        d,
-        q,
-        c,
-        target,
-        kind,
-        weight,
-        log_q,
-        ids,
-        valid,
-        row_qid,
-        col_qid,
-    }
+    p
 }
 
 struct Out {

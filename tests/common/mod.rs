@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use recfuse::{DType, Device, Tensor, WgpuOptions};
 
 pub mod dist;
+pub mod softmax;
 
 /// A backend the tests run on.
 #[derive(Clone)]
