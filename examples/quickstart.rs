@@ -422,6 +422,9 @@ fn main() -> ExitCode {
         },
     }
     match Device::cuda(0) {
+        // tools/cuda-emu runs the CUDA kernels on the CPU: its rows check them, its times are
+        // not GPU times.
+        Ok(d) if d.is_emulated() => found.push(("cuda (emulated)".into(), d)),
         Ok(d) => found.push(("cuda".into(), d)),
         Err(e) => missing.push(format!("cuda: {e}")),
     }

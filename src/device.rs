@@ -149,6 +149,20 @@ impl Device {
         }
     }
 
+    /// True for the CUDA device of `tools/cuda-emu` (CUDA kernels executed on the CPU): its
+    /// results check the kernels, its timings mean nothing.
+    ///
+    /// ```
+    /// assert!(!recfuse::Device::cpu().is_emulated());
+    /// ```
+    pub fn is_emulated(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.is_emulated(),
+            _ => false,
+        }
+    }
+
     /// A human-readable description: backend, adapter or GPU name, architecture.
     pub fn describe(&self) -> String {
         match self {

@@ -148,6 +148,28 @@ fn paper_head_dims_odd_token_counts_every_dtype() {
     }
 }
 
+/// Ragged head dims inside every compiled (d_k, d_v) bucket of the CUDA kernel (zero padding
+/// up to the bucket), with a bias and a partial mask; combinations a backend does not compile
+/// report `Unsupported`.
+#[test]
+fn every_head_dim_bucket() {
+    for be in backends() {
+        for dk in [9, 20, 40] {
+            for dv in [5, 24, 50, 100] {
+                let d = AttnDims {
+                    b: 2,
+                    lq: 7,
+                    l: 11,
+                    h: 2,
+                    dk,
+                    dv,
+                };
+                common::supported(&be, "attention", check(&be, d, DType::F32, true, 1));
+            }
+        }
+    }
+}
+
 #[test]
 fn masks_bias_and_pruning() {
     for be in backends() {

@@ -86,8 +86,20 @@ fn try_run(
     dev: &Device,
     dtype: DType,
 ) -> recfuse::Result<RunOut> {
-    let q = Tensor::from_f32(&p.q, &[p.b, p.d], dtype, dev)?;
-    let c = Tensor::from_f32(&p.c, &[p.n, p.d], dtype, dev)?;
+    try_run_mixed(p, f, loss, dev, dtype, dtype)
+}
+
+/// As `try_run`, with queries and candidates in their own dtypes.
+fn try_run_mixed(
+    p: &Problem,
+    f: Features,
+    loss: &InBatchSoftmax,
+    dev: &Device,
+    q_dtype: DType,
+    c_dtype: DType,
+) -> recfuse::Result<RunOut> {
+    let q = Tensor::from_f32(&p.q, &[p.b, p.d], q_dtype, dev)?;
+    let c = Tensor::from_f32(&p.c, &[p.n, p.d], c_dtype, dev)?;
     let rows = Rows {
         queries: &q,
         target: &p.target,
@@ -180,6 +192,58 @@ fn fused_matches_naive_reference_every_dtype() {
                     &dq,
                     &want.dq,
                     common::tolerance(dtype, p.n) * 10.0,
+                    floor,
+                );
+                common::assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);
+                assert!(
+                    ((dk as f64) - want.dkappa).abs() <= tol * want.dkappa.abs().max(1.0),
+                    "{what}: dκ {dk} vs {}",
+                    want.dkappa
+                );
+            }
+        }
+    }
+}
+
+/// Queries and candidates of different dtypes (a bf16 item tower against f32 queries, say):
+/// every combination against the reference at the values the tensors hold.
+#[test]
+fn mixed_query_and_candidate_dtypes() {
+    for be in backends() {
+        'combos: for q_dtype in DType::ALL {
+            for c_dtype in DType::ALL {
+                let mut r = rng("softmax mixed");
+                let p = problem(&mut r, 9, 70, 12);
+                let loss = InBatchSoftmax {
+                    kappa: 4.0,
+                    learn_kappa: true,
+                    l2_normalize: true,
+                    remove_accidental_hits: true,
+                    ..Default::default()
+                };
+                let what = format!("{} q {q_dtype} c {c_dtype}", be.name);
+                let mut out = None;
+                let res = try_run_mixed(&p, ALL, &loss, &be.device, q_dtype, c_dtype)
+                    .map(|v| out = Some(v));
+                if !common::supported(&be, "inbatch_softmax", res) {
+                    break 'combos;
+                }
+                let Some((l, dq, dc, dk, qv, cv)) = out else {
+                    unreachable!()
+                };
+                let want = reference_of(&p, ALL, 4.0, &qv, &cv);
+                let tol = common::tolerance(DType::F32, p.d) * 10.0;
+                assert!(
+                    (l - want.loss).abs() <= tol * want.loss.abs().max(1.0),
+                    "{what}: loss {l} vs {}",
+                    want.loss
+                );
+                let floor = 4.0 / p.b as f64;
+                common::assert_close_scaled(
+                    &format!("{what} dq"),
+                    &dq,
+                    &want.dq,
+                    common::tolerance(q_dtype, p.n) * 10.0,
                     floor,
                 );
                 common::assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);

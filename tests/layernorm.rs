@@ -93,3 +93,87 @@ fn shared_and_per_token_every_dtype() {
         }
     }
 }
+
+/// Enough rows that the parameter gradients are reduced in several splits (a partial pass and a
+/// finishing pass on the GPUs): dγ, dβ and dx against the analytic f64 gradients.
+#[test]
+fn parameter_gradients_over_many_rows() {
+    for be in backends() {
+        'dt: for dtype in [DType::F32, DType::BF16] {
+            for (rows, tokens, d, per_token) in [(150, 4, 24, false), (300, 2, 9, true)] {
+                let res = many_rows(&be, rows, tokens, d, per_token, dtype);
+                if !common::supported(&be, "layernorm", res) {
+                    break 'dt;
+                }
+            }
+        }
+    }
+}
+
+fn many_rows(
+    be: &common::Backend,
+    rows: usize,
+    tokens: usize,
+    d: usize,
+    per_token: bool,
+    dtype: DType,
+) -> recfuse::Result<()> {
+    let dev = &be.device;
+    let what = format!(
+        "{} many rows={rows} T={tokens} d={d} per_token={per_token} {dtype}",
+        be.name
+    );
+    let mut r = rng(&what);
+    let xs = [rows, tokens, d];
+    let gs: Vec<usize> = if per_token { vec![tokens, d] } else { vec![d] };
+    let (x, xv) = random_tensor(&mut r, &xs, 2.0, dtype, dev);
+    let (g, gv) = random_tensor(&mut r, &gs, 1.0, dtype, dev);
+    let (b, bv) = random_tensor(&mut r, &gs, 1.0, dtype, dev);
+    let (dy, dyv) = random_tensor(&mut r, &xs, 1.0, dtype, dev);
+    let ln = LayerNorm::default();
+    let fwd = ln.forward(&x, None, &g, &b)?;
+    let grads = ln.backward(&g, &b, &fwd, &dy)?;
+    // x̂ from the reference with γ = 1, β = 0; then the textbook gradients in f64.
+    let n = rows * tokens;
+    let ones = vec![1.0; gv.len()];
+    let zeros = vec![0.0; gv.len()];
+    let xhat = reference::layernorm_forward(n, d, &xv, None, &ones, &zeros, tokens, 1e-5);
+    let mut dgamma = vec![0.0; gv.len()];
+    let mut dbeta = vec![0.0; gv.len()];
+    let mut dx = vec![0.0; xv.len()];
+    for row in 0..n {
+        let p0 = if per_token { (row % tokens) * d } else { 0 };
+        let xr = &xv[row * d..(row + 1) * d];
+        let mean = xr.iter().sum::<f64>() / d as f64;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+        let rstd = 1.0 / (var + 1e-5).sqrt();
+        let (mut m1, mut m2) = (0.0, 0.0);
+        for j in 0..d {
+            let gdy = gv[p0 + j] * dyv[row * d + j];
+            m1 += gdy / d as f64;
+            m2 += gdy * xhat[row * d + j] / d as f64;
+            dgamma[p0 + j] += dyv[row * d + j] * xhat[row * d + j];
+            dbeta[p0 + j] += dyv[row * d + j];
+        }
+        for j in 0..d {
+            let gdy = gv[p0 + j] * dyv[row * d + j];
+            dx[row * d + j] = rstd * (gdy - m1 - xhat[row * d + j] * m2);
+        }
+    }
+    let tol = common::tolerance(dtype, d) * 4.0;
+    assert_close(&format!("{what} dx"), &grads.dx.to_f64_vec()?, &dx, tol);
+    let tol_sum = common::tolerance(dtype, n) * 4.0;
+    assert_close(
+        &format!("{what} dγ"),
+        &grads.dgamma.to_f64_vec()?,
+        &dgamma,
+        tol_sum,
+    );
+    assert_close(
+        &format!("{what} dβ"),
+        &grads.dbeta.to_f64_vec()?,
+        &dbeta,
+        tol_sum,
+    );
+    Ok(())
+}

@@ -21,6 +21,8 @@ struct Case {
     act: Activation,
     bias: bool,
     residual: bool,
+    /// `Linear::allow_tf32`: f32 products on tf32 tensor cores where the backend has them.
+    tf32: bool,
 }
 
 impl Case {
@@ -35,6 +37,7 @@ impl Case {
             act: Activation::None,
             bias: false,
             residual: false,
+            tf32: false,
         }
     }
     fn dims(&self) -> LinearDims {
@@ -93,7 +96,16 @@ fn check_case(be: &Backend, c: Case) {
     let cfg = Linear {
         activation: c.act,
         out_dtype: c.out_dtype,
-        allow_tf32: false,
+        allow_tf32: c.tf32,
+    };
+    // tf32 keeps 10 mantissa bits of each operand (round half away): every product carries a
+    // relative error up to 2^-10, so f32 results get the half-precision budget.
+    let tolerance = |dtype: DType, k: usize| {
+        if c.tf32 && dtype == DType::F32 {
+            tolerance(DType::F16, k) * 2.0
+        } else {
+            tolerance(dtype, k)
+        }
     };
 
     // Forward into NaN-poisoned outputs: an element the kernel forgets stays NaN and fails.
@@ -220,6 +232,24 @@ fn plain_every_dtype_irregular_shapes() {
                     },
                 );
             }
+        }
+    }
+}
+
+/// TF32 is opt-in; where a backend has no tf32 path the result is plain f32 (within the budget).
+#[test]
+fn tf32_opt_in_irregular_shapes() {
+    for be in backends() {
+        for (rows, inp, out) in SHAPES {
+            check_case(
+                &be,
+                Case {
+                    bias: true,
+                    act: Activation::Gelu,
+                    tf32: true,
+                    ..Case::new(rows, inp, out, DType::F32)
+                },
+            );
         }
     }
 }

@@ -803,6 +803,70 @@ pub(crate) fn add(
 mod tests {
     use super::*;
 
+    /// The FFMA kernel with mixed operand dtypes (every A × B pair the selector can return),
+    /// through the GEMM seam on a CUDA device, against an f64 product of the values the
+    /// operands hold; transposed B view, ragged shape. Skipped loudly without a CUDA device
+    /// (a failure when RECFUSE_REQUIRE lists cuda).
+    #[test]
+    fn mixed_operand_dtypes_on_the_device() {
+        use crate::ops::gemm::{Gemm, MatView};
+        use crate::{Device, Tensor};
+        let dev = match Device::cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                let require = std::env::var("RECFUSE_REQUIRE").unwrap_or_default();
+                assert!(
+                    !require.split(',').any(|t| t == "cuda"),
+                    "no CUDA device: {e}"
+                );
+                eprintln!("SKIPPED: mixed_operand_dtypes_on_the_device: {e}");
+                return;
+            }
+        };
+        let (m, n, k) = (37usize, 29usize, 45usize);
+        let vals = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect()
+        };
+        for a_dt in DType::ALL {
+            for b_dt in DType::ALL {
+                let a = Tensor::from_f32(&vals(m * k, 7), &[m, k], a_dt, &dev).unwrap();
+                // B stored [n, k] and read as its transpose (the x·Wᵀ layout).
+                let b = Tensor::from_f32(&vals(n * k, 11), &[n, k], b_dt, &dev).unwrap();
+                let av = a.to_f64_vec().unwrap();
+                let bv = b.to_f64_vec().unwrap();
+                let g = Gemm::plain(
+                    m,
+                    n,
+                    k,
+                    &a,
+                    MatView::new(0, k, 1, 0),
+                    &b,
+                    MatView::new(0, 1, k, 0),
+                );
+                let mut c = Tensor::poisoned(&[m, n], DType::F32, &dev).unwrap();
+                crate::ops::backend::gemm(&dev, &g, &mut c, None).unwrap();
+                let got = c.to_f64_vec().unwrap();
+                let mut worst = 0.0f64;
+                let mut scale = 0.0f64;
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|l| av[i * k + l] * bv[j * k + l]).sum();
+                        scale = scale.max(want.abs());
+                        worst = worst.max((got[i * n + j] - want).abs());
+                    }
+                }
+                assert!(
+                    worst.is_finite() && worst <= 1e-5 * scale.max(1.0),
+                    "A {a_dt} × B {b_dt}: max error {worst:e} (scale {scale:e})"
+                );
+            }
+        }
+    }
+
     #[test]
     fn variant_selection() {
         use DType::*;

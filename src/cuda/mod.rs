@@ -71,6 +71,32 @@ pub(crate) fn backend_err(what: &str, e: DriverError) -> Error {
     }
 }
 
+/// The oldest driver API version (`cuDriverGetVersion`, 1000·major + 10·minor) that loads the
+/// CUBINs NVRTC 13.0 emits: CUDA 13.0, i.e. driver R580 or newer.
+const MIN_DRIVER_VERSION: i32 = 13000;
+
+/// A driver older than the NVRTC that compiles the kernels rejects every CUBIN at load time with
+/// an error that looks like a compiler bug; name the real cause before anything is compiled.
+fn check_driver_version() -> Result<()> {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: libcuda is present (checked by the caller); `v` is a valid out-pointer, and
+    // cuDriverGetVersion may be called before cuInit.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        return Err(unavailable(format!("cuDriverGetVersion failed: {r:?}")));
+    }
+    if v < MIN_DRIVER_VERSION {
+        return Err(unavailable(format!(
+            "the NVIDIA driver supports CUDA {}.{} (cuDriverGetVersion = {v}), but recfuse's \
+             kernels are compiled by NVRTC 13.0, whose CUBINs need a driver for CUDA 13.0 or \
+             newer (R580+); upgrade the driver",
+            v / 1000,
+            (v % 1000) / 10
+        )));
+    }
+    Ok(())
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`. Missing libcuda, missing NVRTC, no GPU or a bad ordinal are all
     /// `Error::DeviceUnavailable`; nothing panics.
@@ -87,6 +113,7 @@ impl CudaDevice {
         // Without NVRTC no kernel can be built, so the device is unusable: say so now, not at
         // the first op.
         nvrtc::nvrtc()?;
+        check_driver_version()?;
         let count = CudaContext::device_count()
             .map_err(|e| unavailable(format!("cuInit / cuDeviceGetCount: {e}")))?;
         if ordinal >= count.max(0) as usize {
@@ -147,6 +174,12 @@ impl CudaDevice {
     /// The CUDA device ordinal (`N` in `cuda:N`).
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// True when the driver is `tools/cuda-emu`'s emulated device (kernels executed on the CPU):
+    /// correct results there prove indexing and synchronisation, never speed.
+    pub fn is_emulated(&self) -> bool {
+        self.name.starts_with("cuda-emu")
     }
 
     /// Copies host bytes into a new device allocation (ordered on the device's stream).
@@ -299,6 +332,60 @@ mod tests {
         );
         assert!(has("layernorm.cu", &[]));
         assert_eq!(v.iter().filter(|(f, _)| *f == "attention.cu").count(), 11);
+    }
+
+    /// Every (file, defines) variant the launchers can request was loaded, and every kernel in
+    /// each loaded module was launched, during an emulated-CUDA test run: reads the launch trace
+    /// that `tools/cuda-emu` writes to `CUDA_EMU_TRACE` (scripts/test runs this after the
+    /// emulated pass; it needs no device itself).
+    #[test]
+    #[ignore = "reads the launch trace of an emulated-CUDA run (scripts/test runs it)"]
+    fn every_variant_ran_on_the_emulated_device() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let path = std::env::var("CUDA_EMU_TRACE").expect("CUDA_EMU_TRACE names the trace file");
+        let text = std::fs::read_to_string(&path).expect("read the trace");
+        let mut modules: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        let mut launched: BTreeSet<(String, String, String)> = BTreeSet::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            match f.as_slice() {
+                ["module", file, defs, kernels] => {
+                    let ks = kernels.split(',').filter(|k| !k.is_empty());
+                    modules
+                        .entry((file.to_string(), defs.to_string()))
+                        .or_default()
+                        .extend(ks.map(str::to_string));
+                }
+                ["launch", file, defs, kernel] => {
+                    launched.insert((file.to_string(), defs.to_string(), kernel.to_string()));
+                }
+                _ => panic!("unexpected trace line {line:?}"),
+            }
+        }
+        let mut missing = Vec::new();
+        for (file, defines) in super::compile_variants() {
+            let key = (file.to_string(), defines.join(","));
+            if !modules.contains_key(&key) {
+                missing.push(format!("{file} [{}]: never compiled or loaded", key.1));
+            }
+        }
+        for ((file, defs), kernels) in &modules {
+            for k in kernels {
+                if !launched.contains(&(file.clone(), defs.clone(), k.clone())) {
+                    missing.push(format!("{file} [{defs}]: kernel {k} never launched"));
+                }
+            }
+        }
+        let n_launched = launched.len();
+        println!(
+            "{n_launched} kernels launched in {} module variants",
+            modules.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "the emulated run did not execute:\n  {}",
+            missing.join("\n  ")
+        );
     }
 
     /// On a machine without libcuda (or without a GPU) opening a device is a typed error, never

@@ -24,20 +24,54 @@ fn required(token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// `RECFUSE_TEST_BACKENDS=cuda` (a comma list of cpu, wgpu, cuda) restricts the backends the
+/// tests run on, e.g. for the emulated-CUDA pass, which need not repeat the CPU and WGSL runs.
+fn selected(name: &str) -> bool {
+    match std::env::var("RECFUSE_TEST_BACKENDS") {
+        Ok(v) if !v.trim().is_empty() => {
+            let on = v.split(',').any(|t| t.trim() == name);
+            if !on {
+                eprintln!(
+                    "[recfuse tests] backend {name} not selected (RECFUSE_TEST_BACKENDS={v})"
+                );
+            }
+            on
+        }
+        _ => true,
+    }
+}
+
 fn open_backends() -> Vec<Backend> {
-    let mut out = vec![Backend {
-        name: "cpu",
-        device: Device::cpu(),
-    }];
+    let mut out = Vec::new();
+    if selected("cpu") {
+        out.push(Backend {
+            name: "cpu",
+            device: Device::cpu(),
+        });
+    }
+    if selected("wgpu") {
+        out.extend(open_wgpu());
+    }
+    if selected("cuda") {
+        out.extend(open_cuda());
+    }
+    assert!(
+        !out.is_empty(),
+        "RECFUSE_TEST_BACKENDS selects no backend that is present"
+    );
+    out
+}
+
+fn open_wgpu() -> Option<Backend> {
     match Device::wgpu(&WgpuOptions {
         allow_software: true,
     }) {
         Ok(d) => {
             eprintln!("[recfuse tests] backend wgpu: {}", d.describe());
-            out.push(Backend {
+            Some(Backend {
                 name: "wgpu",
                 device: d,
-            });
+            })
         }
         Err(e) => {
             assert!(
@@ -45,15 +79,19 @@ fn open_backends() -> Vec<Backend> {
                 "RECFUSE_REQUIRE has wgpu but it is unavailable: {e}"
             );
             eprintln!("[recfuse tests] SKIPPED backend wgpu: {e}");
+            None
         }
     }
+}
+
+fn open_cuda() -> Option<Backend> {
     match Device::cuda(0) {
         Ok(d) => {
             eprintln!("[recfuse tests] backend cuda: {}", d.describe());
-            out.push(Backend {
+            Some(Backend {
                 name: "cuda",
                 device: d,
-            });
+            })
         }
         Err(e) => {
             assert!(
@@ -61,9 +99,9 @@ fn open_backends() -> Vec<Backend> {
                 "RECFUSE_REQUIRE has cuda but it is unavailable: {e}"
             );
             eprintln!("[recfuse tests] SKIPPED backend cuda: {e}");
+            None
         }
     }
-    out
 }
 
 /// Every backend present on this machine (opened once per test binary).

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -46,15 +47,34 @@ constexpr size_t kTotalMem = 143771287552ull;  // what an H200 reports
 constexpr int kSmemOptin = 232448;              // 227 KiB
 constexpr int kSmemDefault = 49152;
 
+struct Module;
+
 struct Function {
     const emu::KernelInfo* k;
     int max_dyn_smem;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    const Module* module;
+    std::atomic<bool> traced{false};
 };
 
 struct Module {
     void* handle;
     std::vector<Function*> functions;
+    std::string desc;  // "file.cu\tDEFINE=1,..." (cuda_emu_module_desc)
 };
+
+// CUDA_EMU_TRACE=path appends one line per module load ("module\tFILE\tDEFINES\tKERNELS") and
+// per first launch of each function ("launch\tFILE\tDEFINES\tKERNEL"), so a run can be checked
+// for kernels it never executed.
+void trace(const std::string& line) {
+    static const char* path = std::getenv("CUDA_EMU_TRACE");
+    if (!path || !*path) return;
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lk(mu);
+    if (FILE* f = std::fopen(path, "a")) {
+        std::fprintf(f, "%s\n", line.c_str());
+        std::fclose(f);
+    }
+}
 
 struct Context {
     int device = 0;
@@ -67,11 +87,28 @@ bool g_init = false;
 thread_local Context* t_current = nullptr;
 thread_local std::string t_last_error;
 
+// CUDA_EMU_CC=75 (say) makes the device report another compute capability, so that the paths
+// recfuse takes on pre-Ampere GPUs (no bf16/f16/tf32 mma.sync) run too; default 9.0 (H200).
+int compute_capability() {
+    static const int cc = [] {
+        const char* e = std::getenv("CUDA_EMU_CC");
+        const int v = e && *e ? std::atoi(e) : 90;
+        if (v < 70 || v > 120) {
+            std::fprintf(stderr, "cuda-emu: CUDA_EMU_CC=%s is not a compute capability 70..120\n", e);
+            std::abort();
+        }
+        return v;
+    }();
+    return cc;
+}
+
 std::string device_name() {
     std::string san;
     if (const char* s = std::getenv("CUDA_EMU_SANITIZE")) san = s;
-    return "cuda-emu: emulated H200 on the CPU (not a GPU; schedule " + emu::schedule_name() +
-           ", sanitizers " + (san.empty() ? "none" : san) + ")";
+    const int cc = compute_capability();
+    const std::string what = cc == 90 ? "H200" : "sm_" + std::to_string(cc) + " device";
+    return "cuda-emu: emulated " + what + " on the CPU (not a GPU; schedule " +
+           emu::schedule_name() + ", sanitizers " + (san.empty() ? "none" : san) + ")";
 }
 
 CUresult report(CUresult r, const std::string& what) {
@@ -205,8 +242,8 @@ API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
         case 16: *v = 132; break;                       // multiprocessors
         case 38: *v = 52428800; break;                  // L2 bytes
         case 39: *v = 2048; break;                      // threads per multiprocessor
-        case 75: *v = 9; break;                         // compute capability major
-        case 76: *v = 0; break;                         // minor
+        case 75: *v = compute_capability() / 10; break;  // compute capability major
+        case 76: *v = compute_capability() % 10; break;  // minor
         case 81: *v = 233472; break;                    // shared memory per multiprocessor
         case 82: *v = 65536; break;                     // registers per multiprocessor
         case 97: *v = kSmemOptin; break;                // shared memory per block, opt-in
@@ -367,7 +404,16 @@ API CUresult cuModuleLoadData(Module** out, const void* image) {
         return report(CUDA_ERROR_INVALID_IMAGE,
                       "cuda-emu: cuModuleLoadData: the object is not a cuda-emu module");
     }
-    *out = new Module{handle, {}};
+    Module* m = new Module{handle, {}, "?\t?"};
+    if (const char* d = static_cast<const char*>(dlsym(handle, "cuda_emu_module_desc"))) m->desc = d;
+    using KernelsFn = const emu::ModuleKernels* (*)();
+    std::string names;
+    if (auto fn = reinterpret_cast<KernelsFn>(dlsym(handle, "cuda_emu_module_kernels"))) {
+        const emu::ModuleKernels* ks = fn();
+        for (unsigned i = 0; i < ks->n; ++i) names += std::string(i ? "," : "") + ks->k[i]->name;
+    }
+    trace("module\t" + m->desc + "\t" + names);
+    *out = m;
     return CUDA_SUCCESS;
 }
 
@@ -387,7 +433,7 @@ API CUresult cuModuleGetFunction(Function** out, Module* m, const char* name) {
         return report(CUDA_ERROR_NOT_FOUND,
                       std::string("cuda-emu: no __global__ function `") + name + "` in the module");
     }
-    Function* f = new Function{k, int(kSmemDefault - int(k->static_smem))};
+    Function* f = new Function{k, int(kSmemDefault - int(k->static_smem)), m};
     if (f->max_dyn_smem < 0) f->max_dyn_smem = 0;
     std::lock_guard<std::mutex> lk(g_mu);
     m->functions.push_back(f);
@@ -457,6 +503,9 @@ API CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, 
                           " bytes of dynamic shared memory, but the function allows " +
                           std::to_string(f->max_dyn_smem) +
                           " (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES opts in)");
+    }
+    if (!f->traced.exchange(true)) {
+        trace("launch\t" + f->module->desc + "\t" + k);
     }
     emu::LaunchDims d{{gx, gy, gz}, {bx, by, bz}, smem};
     std::string error;

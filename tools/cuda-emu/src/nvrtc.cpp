@@ -73,7 +73,7 @@ bool read_file(const std::string& path, std::string& out) {
 
 // Runs argv with the environment minus LD_PRELOAD (the sanitiser runtime the test process was
 // started with must not be forced into the compiler), output to `log_path`.
-int run(const std::vector<std::string>& argv, const std::string& log_path) {
+int run(const std::vector<std::string>& argv, const std::string& cwd, const std::string& log_path) {
     std::vector<char*> args;
     for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
@@ -86,6 +86,7 @@ int run(const std::vector<std::string>& argv, const std::string& log_path) {
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    posix_spawn_file_actions_addchdir_np(&fa, cwd.c_str());
     pid_t pid;
     const int rc = posix_spawnp(&pid, args[0], &fa, nullptr, args.data(), env.data());
     posix_spawn_file_actions_destroy(&fa);
@@ -116,8 +117,8 @@ nvrtcResult compile(Program& p, int n, const char* const* opts) {
             for (char c : a) {
                 if (c >= '0' && c <= '9') digits += c;
             }
-            if (digits.size() < 2 || std::atoi(digits.c_str()) < 80) {
-                p.log = "cuda-emu nvrtc: emulates sm_80 and newer, not " + a + "\n";
+            if (digits.size() < 2 || std::atoi(digits.c_str()) < 70) {
+                p.log = "cuda-emu nvrtc: emulates sm_70 and newer, not " + a + "\n";
                 return NVRTC_ERROR_INVALID_OPTION;
             }
             arch = digits + "0";
@@ -134,13 +135,28 @@ nvrtcResult compile(Program& p, int n, const char* const* opts) {
         p.log = err + "\n";
         return NVRTC_ERROR_COMPILATION;
     }
+    // What the module was built from, for the launch trace (CUDA_EMU_TRACE): the program name
+    // and its -D defines, in order, as recfuse keys its module cache.
+    std::string desc = p.name + "\t";
+    for (size_t i = 0; i < defines.size(); ++i) {
+        desc += (i ? "," : "") + defines[i].substr(2);
+    }
+    std::string quoted;
+    for (char c : desc) {
+        if (c == '\\' || c == '"') quoted += '\\';
+        quoted += c == '\t' ? std::string("\\t") : std::string(1, c);
+    }
+    p.translated += "extern \"C\" __attribute__((visibility(\"default\"))) const char "
+                    "cuda_emu_module_desc[] = \"" + quoted + "\";\n";
     const char* tmp = std::getenv("TMPDIR");
     std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/cuda-emu-XXXXXX";
     if (!mkdtemp(&dir[0])) {
         p.log = "cuda-emu nvrtc: cannot create a temporary directory\n";
         return NVRTC_ERROR_INTERNAL_ERROR;
     }
-    const std::string cpp = dir + "/" + (p.name.empty() ? "kernel.cu" : p.name) + ".cpp";
+    // The compiler runs in `dir` on relative names, so no temporary path reaches the object.
+    const std::string cpp_name = (p.name.empty() ? "kernel.cu" : p.name) + ".cpp";
+    const std::string cpp = dir + "/" + cpp_name;
     const std::string so = dir + "/module.so", log = dir + "/build.log";
     {
         std::ofstream f(cpp, std::ios::binary);
@@ -152,7 +168,11 @@ nvrtcResult compile(Program& p, int n, const char* const* opts) {
     std::vector<std::string> argv = {cxx && *cxx ? cxx : "g++", std_flag, "-fPIC", "-shared",
                                      "-fvisibility=hidden", "-fno-strict-aliasing", "-w",
                                      "-I" + include_dir(), "-include", "cuda_emu/device.h",
-                                     "-D__CUDA_ARCH__=" + arch};
+                                     "-D__CUDA_ARCH__=" + arch,
+                                     // The same program builds to the same bytes (recfuse's
+                                     // CUBIN cache test relies on it): no temporary paths.
+                                     "-ffile-prefix-map=" + dir + "=cuda-emu",
+                                     "-frandom-seed=" + p.name};
     if (san && *san) {
         for (const char* f : {"-O1", "-g", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"}) {
             argv.push_back(f);
@@ -162,11 +182,12 @@ nvrtcResult compile(Program& p, int n, const char* const* opts) {
         argv.push_back("-O2");
     }
     argv.insert(argv.end(), defines.begin(), defines.end());
-    for (const std::string& a : {cpp, std::string("-o"), so, "-L" + lib, std::string("-lcudaemu"),
+    for (const std::string& a : {cpp_name, std::string("-o"), std::string("module.so"), "-L" + lib,
+                                 std::string("-lcudaemu"),
                                  "-Wl,-rpath," + lib}) {
         argv.push_back(a);
     }
-    const int rc = run(argv, log);
+    const int rc = run(argv, dir, log);
     std::string out;
     read_file(log, out);
     nvrtcResult result = NVRTC_SUCCESS;

@@ -501,6 +501,17 @@ bool translate(const std::string& src, const std::string& name, std::string& out
         for (const Shared& s : shared) {
             if (s.pos > k.body_begin && s.pos < k.body_end) k.shared_types.push_back(s.type);
         }
+        // The entry point goes right after the body, on the same line: inside the same
+        // preprocessor conditional as the kernel, and without moving any later line.
+        std::string smem = "0";
+        for (const std::string& t : k.shared_types) smem += " + sizeof(" + t + ")";
+        std::string entry = " namespace { void cuda_emu_body_" + k.name + "(void** kp) { ::emu::invoke(&" +
+                            k.name + ", kp); } } extern \"C\" __attribute__((visibility(\"default\"))) "
+                            "const ::emu::KernelInfo cuda_emu_kernel_" + k.name + " = {\"" + k.name +
+                            "\", &cuda_emu_body_" + k.name + ", (unsigned)(" + k.max_threads +
+                            "), (std::size_t)(" + smem + ")}; static ::emu::Registrar cuda_emu_reg_" +
+                            k.name + "{&cuda_emu_kernel_" + k.name + "};";
+        edits.push_back({k.body_end, k.body_end, entry});
         kernels.push_back(k);
     }
 
@@ -516,17 +527,10 @@ bool translate(const std::string& src, const std::string& name, std::string& out
     // Sources without #line directives are named by the program, as NVRTC does.
     out.insert(0, "#line 1 \"" + name + "\"\n");
 
-    out += "\n// ---- cuda-emu entry points ----\n";
-    for (const Kernel& k : kernels) {
-        std::string smem = "0";
-        for (const std::string& t : k.shared_types) smem += " + sizeof(" + t + ")";
-        out += "namespace { void cuda_emu_body_" + k.name + "(void** kp) { ::emu::invoke(&" + k.name +
-               ", kp); } }\n";
-        out += "extern \"C\" __attribute__((visibility(\"default\"))) const ::emu::KernelInfo "
-               "cuda_emu_kernel_" + k.name + " = {\"" + k.name + "\", &cuda_emu_body_" + k.name +
-               ", (unsigned)(" + k.max_threads + "), (std::size_t)(" + smem + ")};\n";
-    }
+    out += "\n";
     out += "extern \"C\" __attribute__((visibility(\"default\"))) const int cuda_emu_module_abi = 1;\n";
+    out += "extern \"C\" __attribute__((visibility(\"default\"))) const ::emu::ModuleKernels* "
+           "cuda_emu_module_kernels() { return &::emu::module_kernels(); }\n";
     return true;
 }
 

@@ -475,7 +475,7 @@ void test_shared() {
               "an out-of-bounds global write is reported by AddressSanitizer");
         check(dies_with_report([&] { run({"-DOOB_SHARED"}, out, msg); }),
               "an out-of-bounds shared-memory write is reported by the sanitizers");
-    } else if (std::getenv("CUDA_EMU_REQUIRE_ASAN")) {
+    } else if (const char* r = std::getenv("CUDA_EMU_REQUIRE_ASAN"); r && *r) {
         check(false, "out-of-bounds cases need the ASan runtime (run --asan)");
     } else {
         std::printf("  SKIP  out-of-bounds cases: no ASan runtime (tools/cuda-emu/run --asan)\n");

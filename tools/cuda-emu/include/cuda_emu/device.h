@@ -61,6 +61,24 @@ struct KernelInfo {
 
 using ResolveFn = void (*)(const unsigned char* ins, unsigned char* outs, const void* ctx);
 
+// The kernels this module holds after preprocessing: every entry point registers itself from a
+// static initialiser (an entry point sits inside the same #if as its kernel). Hidden visibility
+// keeps one list per module.
+struct ModuleKernels {
+    const KernelInfo* k[64];
+    unsigned n;
+};
+inline ModuleKernels& module_kernels() {
+    static ModuleKernels m{};
+    return m;
+}
+struct Registrar {
+    explicit Registrar(const KernelInfo* k) {
+        ModuleKernels& m = module_kernels();
+        if (m.n < 64) m.k[m.n++] = k;
+    }
+};
+
 }  // namespace emu
 
 extern "C" {
