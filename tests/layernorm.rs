@@ -128,7 +128,7 @@ fn many_rows(
     let gs: Vec<usize> = if per_token { vec![tokens, d] } else { vec![d] };
     let (x, xv) = random_tensor(&mut r, &xs, 2.0, dtype, dev);
     let (g, gv) = random_tensor(&mut r, &gs, 1.0, dtype, dev);
-    let (b, bv) = random_tensor(&mut r, &gs, 1.0, dtype, dev);
+    let (b, _) = random_tensor(&mut r, &gs, 1.0, dtype, dev);
     let (dy, dyv) = random_tensor(&mut r, &xs, 1.0, dtype, dev);
     let ln = LayerNorm::default();
     let fwd = ln.forward(&x, None, &g, &b)?;
