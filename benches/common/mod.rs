@@ -40,6 +40,12 @@ fn probe() -> (Vec<(String, Device)>, Vec<String>) {
         }
     }
     match Device::cuda(0) {
+        // tools/cuda-emu executes the kernels on the CPU: a time measured there is not a GPU
+        // time, so it is never reported as one.
+        Ok(d) if d.is_emulated() => skipped.push(format!(
+            "cuda: {} is emulated; its times would mean nothing",
+            d.describe()
+        )),
         Ok(d) => run.push(("cuda".into(), d)),
         Err(e) => skipped.push(format!("cuda: {e}")),
     }

@@ -15,13 +15,16 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cinttypes>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 // AddressSanitizer's fiber interface, resolved only when the ASan runtime is in the process
@@ -651,6 +654,68 @@ void reg_write(const Reg& r, uint64_t v) { std::memcpy(r.ptr, &v, r.bytes); }
 float reg_f(const Reg& r) { return f32_of(uint32_t(reg_read(r))); }
 void reg_wf(const Reg& r, float f) { reg_write(r, bits_of(f)); }
 
+// A fiber that never reaches a barrier, collective or exit cannot be preempted, so an infinite
+// loop in a kernel would hang the test run. A watchdog thread ends the process instead, naming
+// the kernel and block, once a launch has run longer than CUDA_EMU_TIMEOUT_S (default 900).
+struct Running {
+    const char* kernel = nullptr;
+    const Indices* idx = nullptr;
+    std::chrono::steady_clock::time_point since;
+};
+std::mutex g_watch_mu;
+std::vector<Running*> g_running;
+
+void watchdog() {
+    const char* e = std::getenv("CUDA_EMU_TIMEOUT_S");
+    const long limit = e && *e ? std::strtol(e, nullptr, 10) : 900;
+    for (;;) {
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+        std::lock_guard<std::mutex> lk(g_watch_mu);
+        const auto now = std::chrono::steady_clock::now();
+        for (const Running* r : g_running) {
+            const long s = long(std::chrono::duration_cast<std::chrono::seconds>(now - r->since).count());
+            if (s > limit) {
+                std::fprintf(stderr,
+                             "cuda-emu: kernel `%s` (at block (%u,%u,%u)) has run for %ld s, more "
+                             "than CUDA_EMU_TIMEOUT_S=%ld: an infinite loop in a thread that never "
+                             "reaches a barrier; ending the process rather than hanging\n",
+                             r->kernel, r->idx->block_idx.x, r->idx->block_idx.y,
+                             r->idx->block_idx.z, s, limit);
+                std::abort();
+            }
+        }
+    }
+}
+
+struct Watched {
+    Running r;
+    explicit Watched(const char* kernel) {
+        // One watchdog per process (a forked child has none until it launches).
+        static pid_t watched_pid = 0;
+        {
+            std::lock_guard<std::mutex> lk(g_watch_mu);
+            if (watched_pid != getpid()) {
+                watched_pid = getpid();
+                std::thread(watchdog).detach();
+            }
+        }
+        r.kernel = kernel;
+        r.idx = &t_idx;
+        r.since = std::chrono::steady_clock::now();
+        std::lock_guard<std::mutex> lk(g_watch_mu);
+        g_running.push_back(&r);
+    }
+    ~Watched() {
+        std::lock_guard<std::mutex> lk(g_watch_mu);
+        for (size_t i = 0; i < g_running.size(); ++i) {
+            if (g_running[i] == &r) {
+                g_running.erase(g_running.begin() + long(i));
+                break;
+            }
+        }
+    }
+};
+
 }  // namespace
 
 // ---- driver interface -----------------------------------------------------------------------
@@ -660,6 +725,7 @@ std::string schedule_name() { return schedule().text; }
 bool run_kernel(const KernelInfo& k, const LaunchDims& d, void** params, std::string& error) {
     static uint64_t launches = 0;
     const uint64_t launch_no = __atomic_fetch_add(&launches, 1, __ATOMIC_RELAXED);
+    Watched watched(k.name);
     const unsigned nthreads = d.block[0] * d.block[1] * d.block[2];
     ensure_fibers(nthreads);
     Block b;

@@ -273,6 +273,12 @@ extern "C" __global__ void shfl_vs_barrier(const Params p) {
     else v = __shfl_xor_sync(0xffffffffu, v, 1);
     reinterpret_cast<float*>(p.c)[threadIdx.x] = v;
 }
+extern "C" __global__ void spin(const Params p) {
+    volatile unsigned x = 0;
+    while (x == 0) {
+    }
+    reinterpret_cast<float*>(p.c)[threadIdx.x] = 1.0f;
+}
 extern "C" __global__ void shfl_sum(const Params p) {
     float v = threadIdx.x;
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -513,6 +519,31 @@ void test_defects() {
     bool ok = rc == 0;
     for (unsigned t = 0; t < 64; ++t) ok &= out[t] == float(t < 32 ? 496 : 32 * 32 + 496);
     check(ok, "a full-warp butterfly sum is exact in every lane");
+
+    // An infinite loop: the watchdog ends the process, naming the kernel, instead of a hang.
+    {
+        int fds[2];
+        if (pipe(fds) == 0) {
+            const pid_t pid = fork();
+            if (pid == 0) {
+                dup2(fds[1], 2);
+                setenv("CUDA_EMU_TIMEOUT_S", "1", 1);
+                launch(m, "spin", 1, 32, Params{0, 0, dc.p, 0});
+                _exit(0);
+            }
+            close(fds[1]);
+            std::string err;
+            char buf[4096];
+            ssize_t r;
+            while ((r = read(fds[0], buf, sizeof buf)) > 0) err.append(buf, size_t(r));
+            close(fds[0]);
+            int status = 0;
+            waitpid(pid, &status, 0);
+            check(!(WIFEXITED(status) && WEXITSTATUS(status) == 0) &&
+                      err.find("kernel `spin`") != std::string::npos,
+                  "a kernel that never returns is ended by the watchdog, naming it");
+        }
+    }
 
     std::string log;
     void* bad = build("unknown.cu", R"(
