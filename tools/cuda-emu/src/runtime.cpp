@@ -100,6 +100,23 @@ struct Fiber {
     uint3 tid{};
     const char* file = nullptr;  // where it waits
     int line = 0;
+    // cp.async copies issued but not yet landed: the open group, then committed groups, oldest
+    // first. A copy's source is read at issue, its destination written when a wait retires it.
+    struct Copy {
+        unsigned char* dst;
+        unsigned char bytes[16];
+        unsigned n;
+    };
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> groups;
+};
+
+// Shared memory as the kernel addresses it: each allocation of the block gets a range of a
+// 32-bit "shared window" (what __cvta_generic_to_shared returns and cp.async / ldmatrix take).
+struct Window {
+    unsigned char* host;
+    size_t bytes;
+    uint32_t base;
 };
 
 constexpr unsigned kMaxCollectiveBytes = 64;
@@ -137,6 +154,8 @@ struct Block {
     size_t static_total = 0;
     void* dyn = nullptr;
     size_t dyn_bytes = 0;
+    std::vector<Window> windows;
+    uint32_t next_base = 0;
     Fiber* cur = nullptr;
     bool failed = false;
     std::string error;
@@ -297,6 +316,13 @@ void fiber_main(Fiber* f) {
     }
     Block& b = *t_block;
     b.k->body(b.params);
+    size_t pending = f->open.size();
+    for (const auto& g : f->groups) pending += g.size();
+    if (pending) {
+        fail_here(fmt("the thread exited with %zu cp.async copies that no cp.async.wait_group / "
+                      "wait_all retired (their data never lands)",
+                      pending));
+    }
     f->st = St::Exited;
     to_scheduler(f);
     std::abort();
@@ -484,6 +510,8 @@ void run_block(Block& b) {
         f.file = nullptr;
         f.line = 0;
         f.asan_fake = nullptr;
+        f.open.clear();
+        f.groups.clear();
         start_fiber(f);
     }
     b.cursor = b.sched.mode == Mode::Reverse ? b.nthreads - 1 : 0;
@@ -506,6 +534,97 @@ void free_shared(Block& b) {
     b.static_total = 0;
     std::free(b.dyn);
     b.dyn = nullptr;
+    b.windows.clear();
+    b.next_base = 0;
+}
+
+void add_window(Block& b, void* host, size_t bytes, size_t align) {
+    const uint32_t a = uint32_t(align < 16 ? 16 : align);
+    const uint32_t base = (b.next_base + a - 1) / a * a;
+    b.windows.push_back({static_cast<unsigned char*>(host), bytes, base});
+    b.next_base = base + uint32_t(bytes);
+}
+
+// The host bytes behind shared addresses [addr, addr + n), which must lie in one allocation.
+unsigned char* shared_at(uint32_t addr, size_t n, const char* what) {
+    Block& b = *t_block;
+    for (const Window& w : b.windows) {
+        if (addr >= w.base && uint64_t(addr) + n <= uint64_t(w.base) + w.bytes) {
+            return w.host + (addr - w.base);
+        }
+    }
+    fail_here(fmt("%s: shared address 0x%x (+%zu bytes) is outside every shared allocation of "
+                  "the block",
+                  what, addr, n));
+}
+
+// cp.async.{ca,cg}.shared.global [dst], [src], size[, src_size].
+void cp_async(const char* what, bool cg, uint32_t dst_addr, uint64_t src, long long size,
+              long long src_size) {
+    if (size != 4 && size != 8 && size != 16) {
+        fail_here(fmt("%s: copy size %lld is not 4, 8 or 16", what, size));
+    }
+    if (cg && size != 16) fail_here(fmt("%s: .cg copies 16 bytes only, not %lld", what, size));
+    if (src_size < 0 || src_size > size) {
+        fail_here(fmt("%s: source size %lld outside 0..%lld", what, src_size, size));
+    }
+    if (dst_addr % uint32_t(size) != 0) {
+        fail_here(fmt("%s: shared destination 0x%x is not %lld-byte aligned", what, dst_addr, size));
+    }
+    if (src % uint64_t(size) != 0) {
+        fail_here(fmt("%s: global source 0x%llx is not %lld-byte aligned", what,
+                      (unsigned long long)src, size));
+    }
+    unsigned char* dst = shared_at(dst_addr, size_t(size), what);
+    Fiber::Copy c{dst, {}, unsigned(size)};
+    if (src_size > 0) std::memcpy(c.bytes, reinterpret_cast<const void*>(src), size_t(src_size));
+    // Until a wait retires it, the destination reads as poison (0xFF: NaN in every float), so a
+    // read before the wait, or a wait for the wrong group, gives wrong results.
+    std::memset(dst, 0xff, size_t(size));
+    t_block->cur->open.push_back(c);
+}
+
+void cp_async_wait(long long keep) {
+    Fiber* f = t_block->cur;
+    if (keep < 0) fail_here(fmt("cp.async.wait_group %lld: a negative group count", keep));
+    while (f->groups.size() > size_t(keep)) {
+        for (const Fiber::Copy& c : f->groups.front()) std::memcpy(c.dst, c.bytes, c.n);
+        f->groups.erase(f->groups.begin());
+    }
+}
+
+struct LdmatrixOp {
+    unsigned count;
+    bool trans;
+};
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: lanes 8i..8i+7 give the row
+// addresses of matrix i (16 contiguous, 16-byte aligned bytes each); lane l receives from each
+// matrix the word holding row l/4, elements 2(l%4) and 2(l%4)+1 (the smaller index in the low
+// half), or with .trans the same of the transposed matrix (PTX ISA, "ldmatrix").
+void ldmatrix_resolve(const unsigned char* ins, unsigned char* outs, const void* ctx) {
+    const LdmatrixOp& op = *static_cast<const LdmatrixOp*>(ctx);
+    const uint32_t* addr = reinterpret_cast<const uint32_t*>(ins);
+    uint32_t* out = reinterpret_cast<uint32_t*>(outs);
+    uint16_t m[4][8][8];
+    for (unsigned i = 0; i < op.count; ++i) {
+        for (unsigned r = 0; r < 8; ++r) {
+            const uint32_t a = addr[8 * i + r];
+            if (a % 16 != 0) {
+                fail_here(fmt("ldmatrix: lane %u's row address 0x%x is not 16-byte aligned",
+                              8 * i + r, a));
+            }
+            std::memcpy(m[i][r], shared_at(a, 16, "ldmatrix"), 16);
+        }
+    }
+    for (unsigned l = 0; l < 32; ++l) {
+        for (unsigned i = 0; i < op.count; ++i) {
+            const unsigned r = l / 4, c = 2 * (l % 4);
+            const uint16_t lo = op.trans ? m[i][c][r] : m[i][r][c];
+            const uint16_t hi = op.trans ? m[i][c + 1][r] : m[i][r][c + 1];
+            out[l * 4 + i] = uint32_t(lo) | (uint32_t(hi) << 16);
+        }
+    }
 }
 
 // ---- PTX ----------------------------------------------------------------------------------
@@ -754,6 +873,7 @@ bool run_kernel(const KernelInfo& k, const LaunchDims& d, void** params, std::st
                 b.dyn_bytes = d.dyn_smem;
                 b.dyn = std::malloc(d.dyn_smem ? d.dyn_smem : 1);
                 std::memset(b.dyn, 0xff, d.dyn_smem);
+                add_window(b, b.dyn, d.dyn_smem, 16);
                 run_block(b);
                 free_shared(b);
                 if (b.failed) {
@@ -869,6 +989,48 @@ void emu_ptx(int op, const char* file, int line, Reg* r, int n) {
             for (int i = 0; i < 4; ++i) reg_wf(r[i], d[i]);
             return;
         }
+        case PTX_CP_ASYNC_CA_16:
+        case PTX_CP_ASYNC_CG_16:
+        case PTX_CP_ASYNC_CA_ZFILL:
+        case PTX_CP_ASYNC_CG_ZFILL: {
+            const bool cg = op == PTX_CP_ASYNC_CG_16 || op == PTX_CP_ASYNC_CG_ZFILL;
+            const long long size = (long long)reg_read(r[2]);
+            const bool zfill = op == PTX_CP_ASYNC_CA_ZFILL || op == PTX_CP_ASYNC_CG_ZFILL;
+            const long long src_size = zfill ? (long long)uint32_t(reg_read(r[3])) : size;
+            cp_async(kPtxOps[op].mnemonic, cg, uint32_t(reg_read(r[0])), reg_read(r[1]), size,
+                     src_size);
+            return;
+        }
+        case PTX_CP_ASYNC_COMMIT: {
+            Fiber* f = t_block->cur;
+            f->groups.push_back(std::move(f->open));
+            f->open.clear();
+            return;
+        }
+        case PTX_CP_ASYNC_WAIT_GROUP: cp_async_wait((long long)reg_read(r[0])); return;
+        case PTX_CP_ASYNC_WAIT_ALL: {
+            Fiber* f = t_block->cur;
+            f->groups.push_back(std::move(f->open));
+            f->open.clear();
+            cp_async_wait(0);
+            return;
+        }
+        case PTX_LDMATRIX_X1:
+        case PTX_LDMATRIX_X2:
+        case PTX_LDMATRIX_X4:
+        case PTX_LDMATRIX_X1_TRANS:
+        case PTX_LDMATRIX_X2_TRANS:
+        case PTX_LDMATRIX_X4_TRANS: {
+            static const LdmatrixOp ops[6] = {{1, false}, {2, false}, {4, false},
+                                              {1, true},  {2, true},  {4, true}};
+            const LdmatrixOp& lo = ops[op - PTX_LDMATRIX_X1];
+            const uint32_t addr = uint32_t(reg_read(r[lo.count]));
+            uint32_t d[4];
+            emu_collective(kPtxOps[op].mnemonic, file, line, 0xffffffffu, &addr, sizeof addr, d,
+                           sizeof d, &ldmatrix_resolve, &lo);
+            for (unsigned i = 0; i < lo.count; ++i) reg_write(r[i], d[i]);
+            return;
+        }
         default: break;
     }
     fail_here(fmt("internal: PTX op %d not executable", op));
@@ -896,6 +1058,7 @@ void* emu_shared_static(const void* key, size_t bytes, size_t align, const char*
     }
     if (!p) fail_here(fmt("cannot allocate %zu bytes of shared memory for %s", bytes, name));
     std::memset(p, 0xff, bytes);
+    add_window(b, p, bytes, align);
     b.shared.emplace_back(key, p);
     b.shared_bytes.push_back(bytes);
     b.static_total += bytes;
@@ -914,6 +1077,15 @@ void* emu_shared_dynamic(size_t align) {
         fail_here(fmt("extern __shared__ needs %zu-byte alignment; the emulator gives 16", align));
     }
     return b.dyn;
+}
+
+size_t emu_cvta_shared(const void* p) {
+    Block& b = *t_block;
+    const unsigned char* q = static_cast<const unsigned char*>(p);
+    for (const Window& w : b.windows) {
+        if (q >= w.host && q < w.host + w.bytes) return w.base + size_t(q - w.host);
+    }
+    fail_here("__cvta_generic_to_shared of an address that is not in the block's shared memory");
 }
 
 void emu_trap(const char* file, int line, const char* what) {

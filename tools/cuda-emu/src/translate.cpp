@@ -268,7 +268,7 @@ bool parse_operands(const std::string& sec, bool outputs, std::vector<Operand>& 
             }
             op.letter = cons[0];
         }
-        if (std::strchr("hrlfd", op.letter) == nullptr) {
+        if (std::strchr("hrlfdn", op.letter) == nullptr) {
             err = std::string("asm constraint letter '") + op.letter + "' is not emulated";
             return false;
         }
@@ -280,7 +280,7 @@ bool parse_operands(const std::string& sec, bool outputs, std::vector<Operand>& 
 // One `asm(...)` statement -> a call of emu_ptx, or an error naming what is not emulated.
 bool rewrite_asm(const std::string& body, std::string& out, std::string& err) {
     std::vector<std::string> secs = split_top(body, ':');
-    if (secs.size() < 2 || secs.size() > 4) {
+    if (secs.size() > 4) {
         err = "asm statement without the template : outputs : inputs form";
         return false;
     }
@@ -290,7 +290,7 @@ bool rewrite_asm(const std::string& body, std::string& out, std::string& err) {
         return false;
     }
     std::vector<Operand> ops;
-    if (!parse_operands(secs[1], true, ops, err)) return false;
+    if (secs.size() > 1 && !parse_operands(secs[1], true, ops, err)) return false;
     const size_t n_out = ops.size();
     if (secs.size() > 2 && !parse_operands(secs[2], false, ops, err)) return false;
     if (secs.size() > 3) {
@@ -312,74 +312,120 @@ bool rewrite_asm(const std::string& body, std::string& out, std::string& err) {
     size_t sp = 0;
     while (sp < t.size() && !std::isspace(static_cast<unsigned char>(t[sp]))) ++sp;
     const std::string mnemonic = t.substr(0, sp);
-    const PtxOpInfo* info = nullptr;
-    for (const PtxOpInfo& o : kPtxOps) {
-        if (mnemonic == o.mnemonic) info = &o;
-    }
-    if (!info) {
-        std::string known;
-        for (const PtxOpInfo& o : kPtxOps) known += std::string(known.empty() ? "" : ", ") + o.mnemonic;
-        err = "inline PTX instruction `" + mnemonic + "` is not emulated (cuda-emu knows: " +
-              known + ")";
-        return false;
-    }
-    std::vector<int> refs;
+    // Operands: %N registers, [%N] addresses, integer literals, in {} vectors or not.
+    struct Item {
+        enum { Reg, Addr, Imm } kind;
+        long long v;
+    };
+    std::vector<Item> items;
     const std::string args = t.substr(sp);
     for (size_t i = 0; i < args.size(); ++i) {
         const char c = args[i];
         if (std::isspace(static_cast<unsigned char>(c)) || c == ',' || c == '{' || c == '}') continue;
-        if (c == '%' && i + 1 < args.size() && std::isdigit(static_cast<unsigned char>(args[i + 1]))) {
-            int v = 0;
-            while (i + 1 < args.size() && std::isdigit(static_cast<unsigned char>(args[i + 1]))) {
-                v = v * 10 + (args[++i] - '0');
-            }
-            refs.push_back(v);
-            continue;
+        const bool addr = c == '[';
+        size_t j = addr ? i + 1 : i;
+        while (j < args.size() && std::isspace(static_cast<unsigned char>(args[j]))) ++j;
+        const bool reg = j < args.size() && args[j] == '%';
+        size_t k = reg ? j + 1 : j;
+        const size_t digits = k;
+        while (k < args.size() && std::isdigit(static_cast<unsigned char>(args[k]))) ++k;
+        if (k == digits || (addr && !reg)) {
+            err = "operand syntax `" + trim(args) + "` of `" + mnemonic +
+                  "` is not emulated (only %N registers, [%N] addresses, integer literals and {} "
+                  "vectors)";
+            return false;
         }
-        err = "operand syntax `" + trim(args) + "` of `" + mnemonic +
-              "` is not emulated (only %N registers and {} vectors)";
+        const long long v = std::stoll(args.substr(digits, k - digits));
+        if (addr) {
+            while (k < args.size() && std::isspace(static_cast<unsigned char>(args[k]))) ++k;
+            if (k >= args.size() || args[k] != ']') {
+                err = "address operand of `" + mnemonic + "` is not `[%N]` (offsets are not emulated)";
+                return false;
+            }
+        } else {
+            --k;
+        }
+        items.push_back({addr ? Item::Addr : reg ? Item::Reg : Item::Imm, v});
+        i = k;
+    }
+    const PtxOpInfo* info = nullptr;
+    bool known = false;
+    for (const PtxOpInfo& o : kPtxOps) {
+        if (mnemonic != o.mnemonic) continue;
+        known = true;
+        if (std::strlen(o.signature) == items.size()) info = &o;
+    }
+    if (!info) {
+        std::string names;
+        for (const PtxOpInfo& o : kPtxOps) {
+            if (names.find(o.mnemonic) == std::string::npos) {
+                names += std::string(names.empty() ? "" : ", ") + o.mnemonic;
+            }
+        }
+        err = known ? "`" + mnemonic + "` with " + std::to_string(items.size()) +
+                          " operands is not an emulated form"
+                    : "inline PTX instruction `" + mnemonic + "` is not emulated (cuda-emu knows: " +
+                          names + ")";
         return false;
     }
     const std::string sig = info->signature;
-    if (refs.size() != sig.size()) {
-        err = "`" + mnemonic + "` takes " + std::to_string(sig.size()) + " operands, the template has " +
-              std::to_string(refs.size());
-        return false;
-    }
     std::string call = "{ ::emu::Reg _emu_r[] = {";
-    for (size_t p = 0; p < refs.size(); ++p) {
-        const int r = refs[p];
+    for (size_t p = 0; p < items.size(); ++p) {
+        const Item& it = items[p];
+        const char want = sig[p];
+        const std::string pos = "operand " + std::to_string(p) + " of `" + mnemonic + "`";
+        call += p ? ", " : " ";
+        if (want == 'i') {
+            if (it.kind == Item::Imm) {
+                call += "::emu::reg_val<'l'>((long long)(" + std::to_string(it.v) + "))";
+                continue;
+            }
+            if (it.kind != Item::Reg || it.v < 0 || size_t(it.v) >= ops.size() || ops[size_t(it.v)].letter != 'n') {
+                err = pos + " must be an integer immediate (a literal or an \"n\" operand)";
+                return false;
+            }
+            call += "::emu::reg_val<'l'>((long long)(" + ops[size_t(it.v)].expr + "))";
+            continue;
+        }
+        if (it.kind == Item::Imm) {
+            err = pos + " must be a register, not the literal " + std::to_string(it.v);
+            return false;
+        }
+        const int r = int(it.v);
         if (r < 0 || size_t(r) >= ops.size()) {
             err = "`" + mnemonic + "` refers to %" + std::to_string(r) + ", which is not an operand";
             return false;
         }
         const Operand& op = ops[size_t(r)];
-        const char want = sig[p];
+        const bool address = want == 's' || want == 'g';
+        if (address != (it.kind == Item::Addr)) {
+            err = pos + (address ? " must be an address [%N]" : " must be a register, not an address");
+            return false;
+        }
+        const char letter = want == 's' ? 'r' : want == 'g' ? 'l'
+                                                            : char(std::tolower(static_cast<unsigned char>(want)));
         const bool dest = std::isupper(static_cast<unsigned char>(want));
-        if (std::tolower(static_cast<unsigned char>(want)) != op.letter) {
-            err = "operand " + std::to_string(p) + " of `" + mnemonic + "` must be a \"" +
-                  std::string(1, char(std::tolower(static_cast<unsigned char>(want)))) +
-                  "\" register, got \"" + std::string(1, op.letter) + "\"";
+        if (letter != op.letter) {
+            err = pos + " must be a \"" + std::string(1, letter) + "\" register, got \"" +
+                  std::string(1, op.letter) + "\"";
             return false;
         }
         const bool is_out = size_t(r) < n_out;
         if (dest && !is_out) {
-            err = "operand " + std::to_string(p) + " of `" + mnemonic +
-                  "` is written, but %" + std::to_string(r) + " is an input";
+            err = pos + " is written, but %" + std::to_string(r) + " is an input";
             return false;
         }
         if (!dest && is_out && op.kind == '=') {
-            err = "operand " + std::to_string(p) + " of `" + mnemonic + "` is read, but %" +
-                  std::to_string(r) + " is write-only (\"=\")";
+            err = pos + " is read, but %" + std::to_string(r) + " is write-only (\"=\")";
             return false;
         }
-        call += p ? ", " : " ";
         call += is_out ? "::emu::reg_ref<'" : "::emu::reg_val<'";
         call += op.letter;
         call += "'>(" + op.expr + ")";
     }
+    if (items.empty()) call += " ::emu::Reg{nullptr, 0, 0}";
     call += " }; emu_ptx(" + std::to_string(int(info->op)) + ", __FILE__, __LINE__, _emu_r, " +
-            std::to_string(refs.size()) + "); }";
+            std::to_string(items.size()) + "); }";
     out = call;
     return true;
 }

@@ -310,6 +310,96 @@ extern "C" __global__ void cvt(const Params p) {
 }
 )";
 
+// cp.async: 64 threads copy two 256-float tiles through a double buffer, 16 bytes each per
+// stage; ldmatrix + mma: one warp multiplies a 16x16 by a 16x8 bf16 tile staged in shared memory.
+const char* kAsyncSrc = R"(
+struct Params { unsigned long long a, b, c; unsigned n; };
+__device__ __forceinline__ void cp16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem));
+}
+extern "C" __global__ void __launch_bounds__(64) pipeline(const Params p) {
+    __shared__ __align__(16) float buf[2][256];
+    const float* in = reinterpret_cast<const float*>(p.a);
+    float* out = reinterpret_cast<float*>(p.c);
+    const unsigned t = threadIdx.x;
+    cp16(&buf[0][4 * t], in + 4 * t);
+    asm volatile("cp.async.commit_group;");
+    cp16(&buf[1][4 * t], in + 256 + 4 * t);
+    asm volatile("cp.async.commit_group;");
+#ifdef WRONG_WAIT
+    asm volatile("cp.async.wait_group 2;");  // waits for nothing: stage 0 has not landed
+#elif !defined(NO_WAIT)
+    asm volatile("cp.async.wait_group 1;");  // stage 0 landed, stage 1 may be in flight
+#endif
+    __syncthreads();
+    for (unsigned i = t; i < 256; i += 64) out[i] = buf[0][(i + 7) % 256];
+#ifndef NO_WAIT
+    asm volatile("cp.async.wait_all;");
+#endif
+    __syncthreads();
+    for (unsigned i = t; i < 256; i += 64) out[256 + i] = buf[1][(i + 7) % 256];
+#ifdef MISALIGNED
+    if (t == 0) cp16(&buf[0][1], in);
+    asm volatile("cp.async.wait_all;");
+#endif
+}
+extern "C" __global__ void __launch_bounds__(32) zfill(const Params p) {
+    __shared__ __align__(16) float s[4];
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(&s[0]));
+    if (threadIdx.x == 0) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" :: "r"(a), "l"(p.a), "r"(8u));
+        asm volatile("cp.async.wait_all;");
+        for (int i = 0; i < 4; ++i) reinterpret_cast<float*>(p.c)[i] = s[i];
+    }
+}
+extern "C" __global__ void __launch_bounds__(32) never_waited(const Params p) {
+    __shared__ __align__(16) float s[4];
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(&s[0]));
+    if (threadIdx.x == 0) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(a), "l"(p.a));
+}
+// A [16][16] bf16 row-major, B [16][8] bf16 k-major (row k holds 8 n values), D [16][8] f32.
+extern "C" __global__ void __launch_bounds__(32) ldsm_mma(const Params p) {
+    __shared__ __align__(16) unsigned short As[16][16];
+    __shared__ __align__(16) unsigned short Bs[16][8];
+    const unsigned short* A = reinterpret_cast<const unsigned short*>(p.a);
+    const unsigned short* B = reinterpret_cast<const unsigned short*>(p.b);
+    const unsigned lane = threadIdx.x;
+    for (unsigned i = lane; i < 256; i += 32) As[i / 16][i % 16] = A[i];
+    for (unsigned i = lane; i < 128; i += 32) Bs[i / 8][i % 8] = B[i];
+    __syncthreads();
+    // Matrix i = lane / 8: rows (i % 2) * 8 + lane % 8, columns (i / 2) * 8.
+    unsigned a0, a1, a2, a3, b0, b1;
+    const unsigned arow = (lane / 8 % 2) * 8 + lane % 8, acol = (lane / 16) * 8;
+#ifdef MISALIGNED_LDSM
+    const unsigned aa = static_cast<unsigned>(__cvta_generic_to_shared(&As[arow][acol + 1]));
+#else
+    const unsigned aa = static_cast<unsigned>(__cvta_generic_to_shared(&As[arow][acol]));
+#endif
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3) : "r"(aa));
+    const unsigned ba = static_cast<unsigned>(__cvta_generic_to_shared(&Bs[lane % 16][0]));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(b0), "=r"(b1) : "r"(ba));
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    float* D = reinterpret_cast<float*>(p.c);
+    const unsigned g = lane >> 2, t = lane & 3;
+    D[g * 8 + 2 * t] = d[0];
+    D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2];
+    D[(g + 8) * 8 + 2 * t + 1] = d[3];
+    unsigned* R = reinterpret_cast<unsigned*>(p.c) + 128;  // the raw A fragments
+    R[lane * 4 + 0] = a0;
+    R[lane * 4 + 1] = a1;
+    R[lane * 4 + 2] = a2;
+    R[lane * 4 + 3] = a3;
+}
+)";
+
 // ---- host references -----------------------------------------------------------------------
 
 float bf16_to_f32(uint16_t h) {
@@ -548,11 +638,10 @@ void test_defects() {
     std::string log;
     void* bad = build("unknown.cu", R"(
 extern "C" __global__ void k(float* p) {
-    unsigned r;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" :: "r"(0u), "l"(p));
+    asm volatile("red.global.add.f32 [%0], %1;" :: "l"(p), "f"(1.0f));
 })",
                       {}, &log);
-    check(!bad && log.find("cp.async.ca.shared.global") != std::string::npos &&
+    check(!bad && log.find("red.global.add.f32") != std::string::npos &&
               log.find("unknown.cu") != std::string::npos,
           "an unknown PTX instruction is a compile error naming it and its line: " + log);
     void* missing = nullptr;
@@ -615,9 +704,102 @@ void test_cvt() {
     }
 }
 
+void test_async() {
+    std::vector<float> in(512);
+    for (int i = 0; i < 512; ++i) in[i] = float(i) * 0.25f - 3.0f;
+    auto run = [&](std::vector<std::string> defs, const char* kernel, unsigned threads,
+                   std::vector<float>& out, std::string& msg) {
+        out.assign(512, std::nanf(""));
+        void* m = build("async.cu", kAsyncSrc, defs);
+        if (!m) return -1;
+        Dev da(512 * 4), dc(512 * 4);
+        da.put(in);
+        dc.put(std::vector<float>(512, std::nanf("")));
+        const int rc = launch(m, kernel, 1, threads, Params{da.p, 0, dc.p, 0}, &msg);
+        out = dc.get<float>();
+        return rc;
+    };
+    auto correct = [&](const std::vector<float>& out) {
+        for (unsigned st = 0; st < 2; ++st) {
+            for (unsigned i = 0; i < 256; ++i) {
+                if (out[st * 256 + i] != in[st * 256 + (i + 7) % 256]) return false;
+            }
+        }
+        return true;
+    };
+    std::vector<float> out;
+    std::string msg;
+    int rc = run({}, "pipeline", 64, out, msg);
+    check(rc == 0 && correct(out), "a double-buffered cp.async pipeline with the right waits is correct");
+    rc = run({"-DNO_WAIT"}, "pipeline", 64, out, msg);
+    check(rc == 719 || (rc == 0 && !correct(out)),
+          "reading cp.async data without a wait is caught: " + msg);
+    rc = run({"-DWRONG_WAIT"}, "pipeline", 64, out, msg);
+    bool nan = false;
+    for (int i = 0; i < 256; ++i) nan |= std::isnan(out[i]);
+    check(rc == 0 && nan, "cp.async.wait_group with the wrong count reads poison (NaN)");
+    rc = run({"-DMISALIGNED"}, "pipeline", 64, out, msg);
+    check(rc == 719 && msg.find("not 16-byte aligned") != std::string::npos,
+          "a misaligned cp.async destination is reported: " + msg);
+    rc = run({}, "zfill", 32, out, msg);
+    check(rc == 0 && out[0] == in[0] && out[1] == in[1] && out[2] == 0.0f && out[3] == 0.0f,
+          "cp.async with a source size zero-fills the rest");
+    rc = run({}, "never_waited", 32, out, msg);
+    check(rc == 719 && msg.find("never") != std::string::npos,
+          "a thread that exits with copies in flight is reported: " + msg);
+
+    // ldmatrix.x4 gives exactly the m16n8k16 A fragments, x2.trans the B fragments.
+    std::mt19937 rng(11);
+    std::uniform_real_distribution<float> U(-2.f, 2.f);
+    std::vector<uint16_t> A(256), B(128);
+    for (auto& v : A) v = ref_bf16(U(rng));
+    for (auto& v : B) v = ref_bf16(U(rng));
+    for (int mis = 0; mis < 2; ++mis) {
+        void* m = build("ldsm.cu", kAsyncSrc, mis ? std::vector<std::string>{"-DMISALIGNED_LDSM"}
+                                                  : std::vector<std::string>{});
+        if (!m) {
+            check(false, "ldmatrix module builds");
+            return;
+        }
+        Dev da(512), db(256), dc(128 * 4 + 128 * 4);
+        da.put(A);
+        db.put(B);
+        const int r2 = launch(m, "ldsm_mma", 1, 32, Params{da.p, db.p, dc.p, 0}, &msg);
+        if (mis) {
+            check(r2 == 719 && msg.find("ldmatrix") != std::string::npos,
+                  "a misaligned ldmatrix row address is reported: " + msg);
+            continue;
+        }
+        const std::vector<uint32_t> raw = dc.get<uint32_t>();
+        std::vector<float> D(128);
+        std::memcpy(D.data(), raw.data(), 512);
+        bool frag_ok = r2 == 0;
+        for (unsigned l = 0; l < 32; ++l) {
+            for (unsigned i = 0; i < 4; ++i) {
+                const unsigned row = (i % 2) * 8 + l / 4, col = (i / 2) * 8 + 2 * (l % 4);
+                const uint32_t want = A[row * 16 + col] | (uint32_t(A[row * 16 + col + 1]) << 16);
+                frag_ok &= raw[128 + l * 4 + i] == want;
+            }
+        }
+        double worst = 0;
+        for (int r = 0; r < 16; ++r) {
+            for (int n = 0; n < 8; ++n) {
+                double s2 = 0;
+                for (int k = 0; k < 16; ++k) s2 += double(bf16_to_f32(A[r * 16 + k])) * bf16_to_f32(B[k * 8 + n]);
+                worst = std::max(worst, std::fabs(s2 - D[r * 8 + n]));
+            }
+        }
+        check(frag_ok, "ldmatrix.x4 delivers each lane's row l/4, elements 2(l%4), 2(l%4)+1");
+        check(r2 == 0 && worst < 1e-4,
+              "ldmatrix.x4 + ldmatrix.x2.trans + mma matches the f64 product (max err " +
+                  std::to_string(worst) + ")");
+    }
+}
+
 }  // namespace
 
 int main() {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
     cuInit(0);
     const char* s = std::getenv("CUDA_EMU_SCHEDULE");
     g_schedule = s && *s ? s : "warp-serial";
@@ -627,6 +809,7 @@ int main() {
     test_shared();
     test_defects();
     test_cvt();
+    test_async();
     std::printf("cuda-emu selftest: %d failure(s)\n", g_failures);
     return g_failures ? 1 : 0;
 }

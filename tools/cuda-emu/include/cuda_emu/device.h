@@ -93,6 +93,7 @@ void emu_collective(const char* what, const char* file, int line, unsigned mask,
 void emu_ptx(int op, const char* file, int line, emu::Reg* regs, int n);
 void* emu_shared_static(const void* key, std::size_t bytes, std::size_t align, const char* name);
 void* emu_shared_dynamic(std::size_t align);
+std::size_t emu_cvta_shared(const void* p);
 [[noreturn]] void emu_trap(const char* file, int line, const char* what);
 }
 
@@ -105,6 +106,9 @@ void* emu_shared_dynamic(std::size_t align);
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     emu_syncthreads(file, line);
 }
+
+// A shared-memory pointer as the 32-bit shared-window address cp.async and ldmatrix take.
+inline std::size_t __cvta_generic_to_shared(const void* p) { return emu_cvta_shared(p); }
 
 inline void __trap(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     emu_trap(file, line, "__trap()");
