@@ -236,6 +236,35 @@ fn plain_every_dtype_irregular_shapes() {
     }
 }
 
+/// Input widths that are multiples of 8 (16-byte rows in bf16/f16), with ragged rows, outputs and
+/// k tails: the shapes where the CUDA 16-bit forward may take `gemm_mma_v2` (cp.async 16-byte
+/// chunks, zero-filled past the edges; RECFUSE_GEMM_MMA_VERSION=2 selects it).
+#[test]
+fn aligned_k_ragged_edges_every_dtype() {
+    for be in backends() {
+        for dtype in DType::ALL {
+            for (rows, inp, out) in [(130, 40, 136), (3, 264, 9), (257, 8, 129), (1, 56, 1)] {
+                check_case(
+                    &be,
+                    Case {
+                        bias: true,
+                        act: Activation::Relu,
+                        ..Case::new(rows, inp, out, dtype)
+                    },
+                );
+            }
+            check_case(
+                &be,
+                Case {
+                    groups: Some(3),
+                    bias: true,
+                    ..Case::new(33, 24, 40, dtype)
+                },
+            );
+        }
+    }
+}
+
 /// TF32 is opt-in; where a backend has no tf32 path the result is plain f32 (within the budget).
 #[test]
 fn tf32_opt_in_irregular_shapes() {

@@ -68,6 +68,24 @@
 //   (tf32 used 167, i.e. 1 block, with the earlier per-element epilogue). gemm_ffma: 48
 //   registers (12288 per block), 8.5 KiB shared → 5 blocks (40 warps) per SM.
 //
+// gemm_mma_v2 — version 2 of gemm_mma for 16-bit operands (GEMM_MMA 1, 2), selected by the
+//   host (RECFUSE_GEMM_MMA_VERSION=2; default 1 until an H200 run has raced them) when both
+//   operands have k contiguous and 16-byte aligned rows (offsets, row and batch strides
+//   multiples of 8 elements): otherwise the host keeps version 1, the scalar fallback.
+//   Same 128×128 block tile, 8 warps as 2 × 4, warp tile 64×32, same epilogue; BK = 32.
+//   Global → shared by cp.async.cg 16-byte chunks (8 elements), zero-filled past m, n and k,
+//   in a 3-stage pipeline (wait_group 1: tile kt lands while kt+1 is in flight and kt+2 is
+//   issued). Shared rows are 64 B = 4 chunks, chunk c of row r stored at c ^ ((r >> 1) & 3):
+//   the 8 row addresses of one ldmatrix phase then cover all 32 banks (rows r, r+1 differ by
+//   16 words; the XOR spreads the four row pairs over the four chunk columns). Fragments come
+//   from ldmatrix.x4 (A: one m16k16 tile; B: two n8k16 tiles per instruction).
+//   Per k-tile and warp: 4 ldmatrix.x4 (A) + 2 ldmatrix.x4 (B) per k16 step for 16 MMAs,
+//   against 32 + 16 LDS.32 in version 1; global loads are 2 × 16 B per thread and operand
+//   instead of 8 × 2 scalar 16-bit loads. 3 · 2 · 128 · 64 B = 48 KiB static shared → 1 block
+//   (8 warps) per SM if registers allow more (the limiter shifts from LSU issue to latency).
+//   Predicted (not measured: no GPU run yet): ~45–60% of the bf16 dense peak (~989 TFLOP/s)
+//   on large aligned GEMMs, against an estimated 15–30% for version 1 (docs/BENCHMARKS.md).
+//
 // Epilogue (both kernels): `gemm_epilogue_pair` below, once per column pair, bounds-checked.
 // The gated flag, bias, mul, residual and pre are runtime (block-uniform) switches, not
 // variants: the epilogue runs once per output and its branches cost nothing next to the
@@ -401,3 +419,137 @@ extern "C" __global__ void __launch_bounds__(256) gemm_mma(const GemmParams p) {
     }
 }
 #endif
+
+#if GEMM_MMA == 1 || GEMM_MMA == 2
+#define V2_BK 32         // elements along k per tile: 64 B = 4 chunks of 16 B per row
+#define V2_STAGES 3
+#define V2_ROW_U16 32    // a shared row holds one tile row's 32 elements
+
+// Element offset of chunk `c` (0..3) of row `r` in a [128][32] u16 stage, XOR-swizzled.
+__device__ __forceinline__ unsigned v2_at(unsigned r, unsigned c) {
+    return r * V2_ROW_U16 + ((c ^ ((r >> 1) & 3u)) << 3);
+}
+
+__device__ __forceinline__ void v2_cp16(unsigned short* dst, const unsigned short* src,
+                                        unsigned bytes) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
+}
+
+// Issues the copies of k-tile `kt` of A (rows row0..+127) and B (columns col0..+127) into
+// `as` / `bs`: 2 chunks per thread and operand; rows past m / n and k past its end read 0 bytes
+// (zero fill), with the operand base as a harmless aligned address.
+__device__ __forceinline__ void v2_load(const GemmParams& p, unsigned short* as,
+                                        unsigned short* bs, unsigned kt, unsigned row0,
+                                        unsigned col0, unsigned a_base, unsigned b_base) {
+    const unsigned short* A = reinterpret_cast<const unsigned short*>(p.a);
+    const unsigned short* B = reinterpret_cast<const unsigned short*>(p.b);
+#pragma unroll
+    for (unsigned l = 0; l < 2; ++l) {
+        const unsigned e = threadIdx.x + l * 256u;
+        const unsigned r = e >> 2, c = e & 3u;
+        const unsigned gk = kt * V2_BK + c * 8u;
+        const unsigned kb = gk < p.k ? min(16u, (p.k - gk) * 2u) : 0u;
+        const unsigned gi = row0 + r, gj = col0 + r;
+        const bool a_ok = gi < p.m && kb > 0u, b_ok = gj < p.n && kb > 0u;
+        v2_cp16(as + v2_at(r, c), a_ok ? A + a_base + gi * p.a_rs + gk : A, a_ok ? kb : 0u);
+        v2_cp16(bs + v2_at(r, c), b_ok ? B + b_base + gj * p.b_cs + gk : B, b_ok ? kb : 0u);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_mma_v2(const GemmParams p) {
+    __shared__ __align__(128) unsigned short As[V2_STAGES][128 * V2_ROW_U16];
+    __shared__ __align__(128) unsigned short Bs[V2_STAGES][128 * V2_ROW_U16];
+
+    const unsigned tid = threadIdx.x;
+    const unsigned lane = tid & 31u;
+    const unsigned warp = tid >> 5;
+    const unsigned wm = warp & 1u;
+    const unsigned wn = warp >> 1;
+    const unsigned gq = lane >> 2;
+    const unsigned tq = lane & 3u;
+    const unsigned g = blockIdx.z;
+    const unsigned row0 = blockIdx.x * 128u;
+    const unsigned col0 = blockIdx.y * 128u;
+    const unsigned a_base = p.a_off + g * p.a_bs;
+    const unsigned b_base = p.b_off + g * p.b_bs;
+    const unsigned ktiles = (p.k + V2_BK - 1u) / V2_BK;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                acc[mi][ni][q] = 0.0f;
+            }
+        }
+    }
+
+    // Prologue: tiles 0 .. STAGES-2 in flight (a group per tile, empty past the end).
+#pragma unroll
+    for (unsigned s = 0; s + 1u < V2_STAGES; ++s) {
+        if (s < ktiles) v2_load(p, As[s], Bs[s], s, row0, col0, a_base, b_base);
+        asm volatile("cp.async.commit_group;");
+    }
+    for (unsigned kt = 0; kt < ktiles; ++kt) {
+        asm volatile("cp.async.wait_group 1;");  // tile kt has landed (this thread's copies)
+        __syncthreads();  // ... and every thread's; stage (kt-1) % 3 is no longer read
+        const unsigned nt = kt + V2_STAGES - 1u;
+        if (nt < ktiles) {
+            v2_load(p, As[nt % V2_STAGES], Bs[nt % V2_STAGES], nt, row0, col0, a_base, b_base);
+        }
+        asm volatile("cp.async.commit_group;");
+        const unsigned short* as = As[kt % V2_STAGES];
+        const unsigned short* bs = Bs[kt % V2_STAGES];
+#pragma unroll
+        for (unsigned kc = 0; kc < 4u; kc += 2u) {  // two k16 steps: chunks (0,1), (2,3)
+            unsigned bf[4][2];
+#pragma unroll
+            for (unsigned np = 0; np < 2; ++np) {
+                // Matrices: (n 0-7, chunk kc), (n 0-7, kc+1), (n 8-15, kc), (n 8-15, kc+1).
+                const unsigned r = wn * 32u + np * 16u + (lane >> 4) * 8u + (lane & 7u);
+                const unsigned c = kc + ((lane >> 3) & 1u);
+                const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(bs + v2_at(r, c)));
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(bf[2 * np][0]), "=r"(bf[2 * np][1]), "=r"(bf[2 * np + 1][0]),
+                               "=r"(bf[2 * np + 1][1])
+                             : "r"(addr));
+            }
+#pragma unroll
+            for (unsigned mi = 0; mi < 4; ++mi) {
+                // Matrices: (rows 0-7, kc), (rows 8-15, kc), (rows 0-7, kc+1), (rows 8-15, kc+1).
+                const unsigned r = wm * 64u + mi * 16u + (lane & 15u);
+                const unsigned c = kc + (lane >> 4);
+                const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(as + v2_at(r, c)));
+                unsigned a0, a1, a2, a3;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+                             : "r"(addr));
+#pragma unroll
+                for (unsigned ni = 0; ni < 4; ++ni) {
+                    mm_mma(acc[mi][ni], a0, a1, a2, a3, bf[ni][0], bf[ni][1]);
+                }
+            }
+        }
+    }
+    asm volatile("cp.async.wait_all;");  // only empty groups remain; retire them
+
+#pragma unroll
+    for (unsigned mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (unsigned ni = 0; ni < 4; ++ni) {
+#pragma unroll
+            for (unsigned h = 0; h < 2; ++h) {
+                const unsigned r = row0 + wm * 64u + mi * 16u + gq + h * 8u;
+                const unsigned c = col0 + wn * 32u + ni * 8u + tq * 2u;
+                if (r < p.m && c < p.n) {
+                    gemm_epilogue_pair(p, g, r, c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                }
+            }
+        }
+    }
+}
+#endif
+

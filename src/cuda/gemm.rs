@@ -220,6 +220,44 @@ impl GemmVariant {
     }
 }
 
+/// Which `gemm_mma` the 16-bit tensor-core path uses: 1 (the default: plain loads) or 2
+/// (`gemm_mma_v2`: cp.async pipeline + ldmatrix), from `RECFUSE_GEMM_MMA_VERSION`. Both stay
+/// until an H200 run has raced them (docs/BENCHMARKS.md); the default follows that measurement.
+fn mma_version() -> Result<u32> {
+    static V: std::sync::OnceLock<std::result::Result<u32, String>> = std::sync::OnceLock::new();
+    V.get_or_init(|| match std::env::var("RECFUSE_GEMM_MMA_VERSION") {
+        Err(_) => Ok(1),
+        Ok(v) if v == "1" || v.is_empty() => Ok(1),
+        Ok(v) if v == "2" => Ok(2),
+        Ok(v) => Err(v),
+    })
+    .clone()
+    .map_err(|v| {
+        Error::invalid(
+            "gemm(cuda)",
+            "RECFUSE_GEMM_MMA_VERSION",
+            format!("{v:?} is not 1 or 2"),
+        )
+    })
+}
+
+/// Version 2 copies 16-byte chunks along k: both operands need k contiguous (A's column and
+/// B's row stride 1) and every row to start 16-byte aligned (offsets and strides multiples of
+/// 8 elements; allocations are 256-byte aligned). Other views keep version 1.
+fn v2_applies(p: &Gemm<'_>) -> bool {
+    let a = &p.a_view;
+    let b = &p.b_view;
+    let batch_ok = |bs: usize| p.batch <= 1 || bs % 8 == 0;
+    a.col_stride == 1
+        && b.row_stride == 1
+        && a.offset % 8 == 0
+        && a.row_stride % 8 == 0
+        && batch_ok(a.batch_stride)
+        && b.offset % 8 == 0
+        && b.col_stride % 8 == 0
+        && batch_ok(b.batch_stride)
+}
+
 pub(crate) fn gemm(
     d: &Arc<CudaDevice>,
     p: &Gemm<'_>,
@@ -236,6 +274,14 @@ pub(crate) fn gemm(
 
     let variant = GemmVariant::select(p.a.dtype(), p.b.dtype(), p.allow_tf32, d.has_mma());
     let (kernel, tile_m, tile_n, block) = variant.geometry();
+    let kernel = if matches!(variant, GemmVariant::MmaBf16 | GemmVariant::MmaF16)
+        && mma_version()? == 2
+        && v2_applies(p)
+    {
+        "gemm_mma_v2"
+    } else {
+        kernel
+    };
     let geometry = Geometry {
         grid: (
             blocks_for(kernel, "m", p.m, tile_m)?,
