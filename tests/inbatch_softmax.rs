@@ -130,6 +130,35 @@ fn run(p: &Problem, f: Features, loss: &InBatchSoftmax, dev: &Device, dtype: DTy
     try_run(p, f, loss, dev, dtype).unwrap()
 }
 
+/// Loss, dq (in the queries' dtype), dc and dκ of one run (κ = 4) against the reference at
+/// the values the tensors held.
+fn assert_matches_reference(what: &str, p: &Problem, f: Features, out: RunOut, q_dtype: DType) {
+    let (l, dq, dc, dk, qv, cv) = out;
+    let want = reference_of(p, f, 4.0, &qv, &cv);
+    let tol = common::tolerance(DType::F32, p.d) * 10.0;
+    assert!(
+        (l - want.loss).abs() <= tol * want.loss.abs().max(1.0),
+        "{what}: loss {l} vs {}",
+        want.loss
+    );
+    // Gradients sum κ·a_i·(P − δ)·v̂ terms of size ≈ κ/B (a_i = w_i/Σw); one whose terms cancel
+    // still carries their rounding, so measure against that size.
+    let floor = 4.0 / p.b as f64;
+    common::assert_close_scaled(
+        &format!("{what} dq"),
+        &dq,
+        &want.dq,
+        common::tolerance(q_dtype, p.n) * 10.0,
+        floor,
+    );
+    common::assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);
+    assert!(
+        ((dk as f64) - want.dkappa).abs() <= tol * want.dkappa.abs().max(1.0),
+        "{what}: dκ {dk} vs {}",
+        want.dkappa
+    );
+}
+
 #[test]
 fn fused_matches_naive_reference_every_dtype() {
     for be in backends() {
@@ -174,32 +203,8 @@ fn fused_matches_naive_reference_every_dtype() {
                 if !common::supported(&be, "inbatch_softmax", res) {
                     break;
                 }
-                let Some((l, dq, dc, dk, qv, cv)) = out else {
-                    unreachable!()
-                };
-                let want = reference_of(&p, f, 4.0, &qv, &cv);
-                let tol = common::tolerance(DType::F32, d) * 10.0;
-                assert!(
-                    (l - want.loss).abs() <= tol * want.loss.abs().max(1.0),
-                    "{what}: loss {l} vs {}",
-                    want.loss
-                );
-                // Gradients sum κ·a_i·(P − δ)·v̂ terms of size ≈ κ/B (a_i = w_i/Σw); one whose
-                // terms cancel still carries their rounding, so measure against that size.
-                let floor = 4.0 / p.b as f64;
-                common::assert_close_scaled(
-                    &format!("{what} dq"),
-                    &dq,
-                    &want.dq,
-                    common::tolerance(dtype, p.n) * 10.0,
-                    floor,
-                );
-                common::assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);
-                assert!(
-                    ((dk as f64) - want.dkappa).abs() <= tol * want.dkappa.abs().max(1.0),
-                    "{what}: dκ {dk} vs {}",
-                    want.dkappa
-                );
+                let Some(out) = out else { unreachable!() };
+                assert_matches_reference(&what, &p, f, out, dtype);
             }
         }
     }
@@ -228,30 +233,8 @@ fn mixed_query_and_candidate_dtypes() {
                 if !common::supported(&be, "inbatch_softmax", res) {
                     break 'combos;
                 }
-                let Some((l, dq, dc, dk, qv, cv)) = out else {
-                    unreachable!()
-                };
-                let want = reference_of(&p, ALL, 4.0, &qv, &cv);
-                let tol = common::tolerance(DType::F32, p.d) * 10.0;
-                assert!(
-                    (l - want.loss).abs() <= tol * want.loss.abs().max(1.0),
-                    "{what}: loss {l} vs {}",
-                    want.loss
-                );
-                let floor = 4.0 / p.b as f64;
-                common::assert_close_scaled(
-                    &format!("{what} dq"),
-                    &dq,
-                    &want.dq,
-                    common::tolerance(q_dtype, p.n) * 10.0,
-                    floor,
-                );
-                common::assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);
-                assert!(
-                    ((dk as f64) - want.dkappa).abs() <= tol * want.dkappa.abs().max(1.0),
-                    "{what}: dκ {dk} vs {}",
-                    want.dkappa
-                );
+                let Some(out) = out else { unreachable!() };
+                assert_matches_reference(&what, &p, ALL, out, q_dtype);
             }
         }
     }

@@ -317,6 +317,27 @@ __device__ __forceinline__ void mm_mma(float (&d)[4], unsigned a0, unsigned a1, 
 #endif
 }
 
+// The warp tile's epilogue (both gemm_mma versions): fragment (d0, d1) is row gq, columns
+// (2tq, 2tq+1) of the n8 tile; (d2, d3) the same columns of row gq + 8: one whole column pair
+// each (the tile's first column is even). r0 / c0: this lane's first row and column.
+__device__ __forceinline__ void mm_epilogue(const GemmParams& p, unsigned g, unsigned r0,
+                                            unsigned c0, const float (&acc)[4][4][4]) {
+#pragma unroll
+    for (unsigned mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (unsigned ni = 0; ni < 4; ++ni) {
+#pragma unroll
+            for (unsigned h = 0; h < 2; ++h) {
+                const unsigned r = r0 + mi * 16u + h * 8u;
+                const unsigned c = c0 + ni * 8u;
+                if (r < p.m && c < p.n) {
+                    gemm_epilogue_pair(p, g, r, c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                }
+            }
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256) gemm_mma(const GemmParams p) {
     __shared__ __align__(16) unsigned As[MM_BM * MM_LDW];
     __shared__ __align__(16) unsigned Bs[MM_BN * MM_LDW];
@@ -401,22 +422,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_mma(const GemmParams p) {
         __syncthreads();
     }
 
-    // Fragment (d0, d1) is row gq, columns (2tq, 2tq+1) of the n8 tile; (d2, d3) the same
-    // columns of row gq + 8: one whole column pair each (the tile's first column is even).
-#pragma unroll
-    for (unsigned mi = 0; mi < 4; ++mi) {
-#pragma unroll
-        for (unsigned ni = 0; ni < 4; ++ni) {
-#pragma unroll
-            for (unsigned h = 0; h < 2; ++h) {
-                const unsigned r = row0 + wm * 64u + mi * 16u + gq + h * 8u;
-                const unsigned c = col0 + wn * 32u + ni * 8u + tq * 2u;
-                if (r < p.m && c < p.n) {
-                    gemm_epilogue_pair(p, g, r, c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
-                }
-            }
-        }
-    }
+    mm_epilogue(p, g, row0 + wm * 64u + gq, col0 + wn * 32u + tq * 2u, acc);
 }
 #endif
 
@@ -536,20 +542,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_mma_v2(const GemmParams p
     }
     asm volatile("cp.async.wait_all;");  // only empty groups remain; retire them
 
-#pragma unroll
-    for (unsigned mi = 0; mi < 4; ++mi) {
-#pragma unroll
-        for (unsigned ni = 0; ni < 4; ++ni) {
-#pragma unroll
-            for (unsigned h = 0; h < 2; ++h) {
-                const unsigned r = row0 + wm * 64u + mi * 16u + gq + h * 8u;
-                const unsigned c = col0 + wn * 32u + ni * 8u + tq * 2u;
-                if (r < p.m && c < p.n) {
-                    gemm_epilogue_pair(p, g, r, c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
-                }
-            }
-        }
-    }
+    mm_epilogue(p, g, row0 + wm * 64u + gq, col0 + wn * 32u + tq * 2u, acc);
 }
 #endif
 
