@@ -1,8 +1,8 @@
 //! Offline check of every CUDA kernel variant, no GPU needed: each (kernel file, defines) the
 //! launchers can request is compiled by NVRTC for `sm_90` to PTX with the runtime's own
 //! options, then assembled by `ptxas -arch=sm_90 -v`. Fails on any compile error, ptxas error or
-//! warning, register spill, or local-memory stack frame; prints registers and shared memory per
-//! kernel.
+//! warning, register spill, or local-memory stack frame; prints registers, shared memory and the
+//! resulting occupancy (blocks per SM at the kernel's launch bounds) per kernel.
 //!
 //! NVRTC comes from `RECFUSE_NVRTC_DIR` (or the usual search), ptxas from `RECFUSE_PTXAS`, then
 //! `PATH`, then `/opt/recfuse-cuda/nvidia/cu13/bin/ptxas`. Both come from pip in CI:
@@ -93,6 +93,32 @@ fn parse_ptxas(out: &str) -> Vec<Report> {
     reports
 }
 
+/// Threads per block the PTX declares for entry `function` (`.maxntid x, y, z`, from
+/// `__launch_bounds__`), if any.
+fn max_threads(ptx: &str, function: &str) -> Option<u32> {
+    let start = ptx.find(&format!(".entry {function}("))?;
+    let body = start + ptx[start..].find('{')?;
+    let head = &ptx[start..body];
+    let dims = head[head.find(".maxntid")? + ".maxntid".len()..]
+        .lines()
+        .next()?;
+    dims.split(',')
+        .map(|d| d.trim().parse::<u32>().ok())
+        .try_fold(1u32, |acc, d| d.map(|d| acc * d))
+}
+
+/// Resident blocks per SM on sm_90 (H100/H200): 64 K registers (allocated per warp, per-thread
+/// counts rounded up to 8), 228 KiB shared memory (1 KiB reserved per block), 2048 threads and
+/// 32 blocks.
+fn blocks_per_sm(registers: u32, smem: u32, threads: u32) -> u32 {
+    let warps = threads.div_ceil(32).max(1);
+    let regs_per_warp = registers.max(1).div_ceil(8) * 8 * 32;
+    let by_regs = 65536 / regs_per_warp / warps;
+    let by_smem = 233_472 / (smem + 1024);
+    let by_threads = 2048 / (warps * 32);
+    by_regs.min(by_smem).min(by_threads).min(32)
+}
+
 fn run_ptxas(ptxas: &Path, ptx: &str, dir: &Path, tag: &str) -> Result<String, String> {
     let ptx_path = dir.join(format!("{tag}.ptx"));
     let cubin_path = dir.join(format!("{tag}.cubin"));
@@ -148,8 +174,8 @@ fn every_cuda_kernel_variant_compiles_for_sm90_without_spills() {
     assert!(!variants.is_empty());
     let mut failures = Vec::new();
     println!(
-        "{:<14} {:<28} {:<16} {:>5} {:>7} {:>6} {:>7}",
-        "file", "defines", "kernel", "regs", "smem", "stack", "spills"
+        "{:<14} {:<28} {:<16} {:>5} {:>7} {:>6} {:>7} {:>7} {:>9}",
+        "file", "defines", "kernel", "regs", "smem", "stack", "spills", "threads", "blocks/SM"
     );
     for (i, (file, defines)) in variants.iter().enumerate() {
         let label = format!("{file} [{}]", defines.join(","));
@@ -178,8 +204,16 @@ fn every_cuda_kernel_variant_compiles_for_sm90_without_spills() {
             failures.push(format!("{label}: ptxas reported no entry function:\n{out}"));
         }
         for r in reports {
+            // Occupancy from the launch bounds (every recfuse kernel declares them).
+            let (threads, blocks) = match max_threads(&ptx, &r.function) {
+                Some(t) => (
+                    t.to_string(),
+                    blocks_per_sm(r.registers, r.smem, t).to_string(),
+                ),
+                None => ("?".into(), "?".into()),
+            };
             println!(
-                "{:<14} {:<28} {:<16} {:>5} {:>7} {:>6} {:>3}/{:<3}",
+                "{:<14} {:<28} {:<16} {:>5} {:>7} {:>6} {:>3}/{:<3} {:>7} {:>9}",
                 file,
                 defines.join(","),
                 r.function,
@@ -187,7 +221,9 @@ fn every_cuda_kernel_variant_compiles_for_sm90_without_spills() {
                 r.smem,
                 r.stack,
                 r.spill_stores,
-                r.spill_loads
+                r.spill_loads,
+                threads,
+                blocks
             );
             if r.spill_stores > 0 || r.spill_loads > 0 {
                 failures.push(format!(
@@ -234,4 +270,16 @@ fn ptxas_report_parsing() {
         ),
         (128, 20480, 8, 4, 12)
     );
+}
+
+#[test]
+fn occupancy_arithmetic() {
+    let ptx = ".visible .entry k(\n.param .u64 p\n)\n.maxntid 256, 1, 1\n{\nret;\n}\n";
+    assert_eq!(max_threads(ptx, "k"), Some(256));
+    assert_eq!(max_threads(ptx, "other"), None);
+    // gemm_mma: 128 registers × 256 threads = 32 K registers → 2 blocks; 20 KiB shared fits 10.
+    assert_eq!(blocks_per_sm(128, 20480, 256), 2);
+    // 48 KiB static shared: 228 KiB / 49 KiB → 4 blocks; 98 → 104 registers: 2 blocks.
+    assert_eq!(blocks_per_sm(98, 49152, 256), 2);
+    assert_eq!(blocks_per_sm(32, 0, 1024), 2);
 }

@@ -81,8 +81,9 @@
 //   from ldmatrix.x4 (A: one m16k16 tile; B: two n8k16 tiles per instruction).
 //   Per k-tile and warp: 4 ldmatrix.x4 (A) + 2 ldmatrix.x4 (B) per k16 step for 16 MMAs,
 //   against 32 + 16 LDS.32 in version 1; global loads are 2 × 16 B per thread and operand
-//   instead of 8 × 2 scalar 16-bit loads. 3 · 2 · 128 · 64 B = 48 KiB static shared → 1 block
-//   (8 warps) per SM if registers allow more (the limiter shifts from LSU issue to latency).
+//   instead of 8 × 2 scalar 16-bit loads. 3 · 2 · 128 · 64 B = 48 KiB static shared (4 blocks
+//   per SM) and 98 registers (ptxas, NVRTC 13.0) → 2 blocks (16 warps) per SM, as version 1:
+//   the limiter moves from LSU issue to tensor-core issue and latency.
 //   Predicted (not measured: no GPU run yet): ~45–60% of the bf16 dense peak (~989 TFLOP/s)
 //   on large aligned GEMMs, against an estimated 15–30% for version 1 (docs/BENCHMARKS.md).
 //
