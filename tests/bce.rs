@@ -94,7 +94,7 @@ fn stable_and_deterministic() {
             "{}: {l} vs {want}",
             be.name
         );
-        assert_close(&be.name.to_string(), &g.to_f64_vec().unwrap(), &wg, 1e-6);
+        assert_close(be.name, &g.to_f64_vec().unwrap(), &wg, 1e-6);
         let again = bce_with_logits_value(&x, &y, None, Reduction::Sum, None).unwrap();
         assert_eq!(l.to_bits(), again.to_bits(), "{}", be.name);
     }

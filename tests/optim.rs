@@ -333,7 +333,7 @@ fn adam_and_adamw_trajectories_match_pytorch() {
 #[test]
 fn rowwise_adagrad_trajectories_match_fbgemm() {
     let mut r = rng("adagrad");
-    let shapes = vec![
+    let shapes = [
         vec![1, 1],
         vec![3, 32],
         vec![33, 2],
