@@ -47,6 +47,16 @@ impl PartialEq for Device {
     }
 }
 
+thread_local! {
+    static HOST_TRANSFERS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one host↔device tensor copy made by the calling thread.
+#[allow(dead_code)]
+pub(crate) fn count_host_transfer() {
+    HOST_TRANSFERS.with(|c| c.set(c.get() + 1));
+}
+
 impl Device {
     /// The CPU backend; always available.
     pub fn cpu() -> Device {
@@ -161,6 +171,14 @@ impl Device {
             Device::Cuda(d) => d.is_emulated(),
             _ => false,
         }
+    }
+
+    /// How many tensor copies between the host and a GPU device (uploads plus downloads, any
+    /// GPU device) the calling thread has made so far. Per thread, so that parallel tests do
+    /// not see each other's copies. For tests that check a step stays on the device.
+    #[doc(hidden)]
+    pub fn host_transfer_count(&self) -> u64 {
+        HOST_TRANSFERS.with(|c| c.get())
     }
 
     /// A human-readable description: backend, adapter or GPU name, architecture.

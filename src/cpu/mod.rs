@@ -2,7 +2,10 @@
 //! CPU; `reference` is the naive f64 oracle the tests compare every backend against.
 
 pub(crate) mod attention;
+pub(crate) mod bce;
 pub(crate) mod fast;
+pub(crate) mod inplace;
 pub(crate) mod layernorm;
+pub(crate) mod optim;
 pub mod reference;
 pub(crate) mod softmax;

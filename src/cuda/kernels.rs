@@ -30,6 +30,9 @@ pub(crate) const FILES: &[(&str, &str)] = &[
         "layernorm.cu",
         include_str!("../../kernels/cuda/layernorm.cu"),
     ),
+    ("inplace.cu", include_str!("../../kernels/cuda/inplace.cu")),
+    ("bce.cu", include_str!("../../kernels/cuda/bce.cu")),
+    ("optim.cu", include_str!("../../kernels/cuda/optim.cu")),
 ];
 
 /// A kernel file's complete compilation unit, or `None` for an unknown name.

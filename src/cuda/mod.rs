@@ -14,12 +14,15 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
 use crate::error::{Error, Result};
 
 pub(crate) mod attention;
+pub(crate) mod bce;
 pub(crate) mod gemm;
+pub(crate) mod inplace;
 mod kernels;
 mod launch;
 pub(crate) mod layernorm;
 mod module_cache;
 mod nvrtc;
+pub(crate) mod optim;
 pub(crate) mod softmax;
 
 use launch::Limits;
@@ -184,6 +187,7 @@ impl CudaDevice {
 
     /// Copies host bytes into a new device allocation (ordered on the device's stream).
     pub(crate) fn upload(self: &Arc<Self>, bytes: &[u8]) -> Result<CudaStorage> {
+        crate::device::count_host_transfer();
         // SAFETY: the allocation is uninitialised; the `bytes.len()` bytes any reader may see
         // are overwritten by the copy below, on the same stream, before anything else runs.
         let mut buf = unsafe { self.stream.alloc::<u8>(bytes.len().max(1)) }
@@ -215,6 +219,7 @@ impl CudaDevice {
 
     /// Copies the first `nbytes` of `s` to the host, after all work queued before it.
     pub(crate) fn download(&self, s: &CudaStorage, nbytes: usize) -> Result<Vec<u8>> {
+        crate::device::count_host_transfer();
         if nbytes > s.len {
             return Err(Error::invalid(
                 "Tensor::to_bytes",
@@ -275,6 +280,9 @@ pub fn compile_variants() -> Vec<(&'static str, Vec<String>)> {
         ));
     }
     v.push(("layernorm.cu", Vec::new()));
+    v.push(("inplace.cu", Vec::new()));
+    v.push(("bce.cu", Vec::new()));
+    v.push(("optim.cu", Vec::new()));
     // Every embedded file must be covered, so a new file cannot silently escape the check.
     for (file, _) in kernels::FILES {
         if !v.iter().any(|(f, _)| f == file) {

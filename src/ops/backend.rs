@@ -278,3 +278,53 @@ pub(crate) fn softmax_grad_columns(
         Device::Wgpu(d) => crate::wgpu::softmax::grad_columns(d, a, coef, lse, range, dc),
     }
 }
+
+/// y = α·y + β·x (or a fill) in place, element-wise over equal sizes (see `ops::inplace`).
+pub(crate) fn axpby(
+    dev: &Device,
+    x: Option<&Tensor>,
+    k: &crate::ops::inplace::Axpby,
+    y: &mut Tensor,
+) -> Result<()> {
+    if y.numel() == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => crate::cpu::inplace::axpby(x, k, y),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::inplace::axpby(d, x, k, y),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::inplace::axpby(d, x, k, y),
+    }
+}
+
+/// Fused BCE-with-logits: the loss into the scalar `loss`, ∂L/∂logits into `dlogits`.
+pub(crate) fn bce(
+    dev: &Device,
+    a: &crate::ops::bce::BceArgs<'_>,
+    dlogits: Option<&mut Tensor>,
+    loss: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::bce::bce(a, dlogits, loss),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::bce::bce(d, a, dlogits, loss),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::bce::bce(d, a, dlogits, loss),
+    }
+}
+
+/// One fused optimizer step over validated slots (see `ops::optim`).
+pub(crate) fn optim_step(
+    dev: &Device,
+    hyper: &crate::ops::optim::OptHyper,
+    slots: &mut [crate::ops::optim::Slot<'_>],
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::optim::step(hyper, slots),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::optim::step(d, hyper, slots),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::optim::step(d, hyper, slots),
+    }
+}

@@ -3,13 +3,16 @@
 
 pub mod attention;
 pub(crate) mod backend;
+pub mod bce;
 pub mod fdo;
 pub mod gated_cross;
 pub(crate) mod gemm;
 pub mod hiformer;
 pub mod inbatch_softmax;
+pub(crate) mod inplace;
 pub mod layernorm;
 pub mod linear;
 pub mod lowrank_qkv;
+pub mod optim;
 
 pub use gemm::Activation;

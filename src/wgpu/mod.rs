@@ -13,9 +13,12 @@ use crate::device::WgpuOptions;
 use crate::error::{Error, Result};
 
 pub(crate) mod attention;
+pub(crate) mod bce;
 mod buffers;
 pub(crate) mod gemm;
+pub(crate) mod inplace;
 pub(crate) mod layernorm;
+pub(crate) mod optim;
 mod pipelines;
 pub(crate) mod softmax;
 
@@ -296,6 +299,7 @@ impl WgpuDevice {
 
     /// A storage buffer holding `bytes` (zero-padded to whole words).
     pub(crate) fn upload(self: &Arc<Self>, bytes: &[u8]) -> Result<WgpuStorage> {
+        crate::device::count_host_transfer();
         let buffer = self.create_buffer(
             "recfuse tensor",
             padded(bytes.len()),
@@ -341,6 +345,7 @@ impl WgpuDevice {
     /// Copies the first `nbytes` of `s` to the host through a MAP_READ staging buffer (waits for
     /// all work queued before).
     pub(crate) fn download(&self, s: &WgpuStorage, nbytes: usize) -> Result<Vec<u8>> {
+        crate::device::count_host_transfer();
         if nbytes == 0 {
             return Ok(Vec::new());
         }

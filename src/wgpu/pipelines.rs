@@ -48,6 +48,21 @@ pub(crate) const LAYERNORM_WGSL: Shader = Shader {
     source: include_str!("../../kernels/wgsl/layernorm.wgsl"),
 };
 
+pub(crate) const INPLACE_WGSL: Shader = Shader {
+    name: "inplace.wgsl",
+    source: include_str!("../../kernels/wgsl/inplace.wgsl"),
+};
+
+pub(crate) const BCE_WGSL: Shader = Shader {
+    name: "bce.wgsl",
+    source: include_str!("../../kernels/wgsl/bce.wgsl"),
+};
+
+pub(crate) const OPTIM_WGSL: Shader = Shader {
+    name: "optim.wgsl",
+    source: include_str!("../../kernels/wgsl/optim.wgsl"),
+};
+
 /// How a binding is declared in WGSL; binding i of a kernel is `bindings[i]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Binding {
