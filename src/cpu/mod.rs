@@ -4,6 +4,7 @@
 pub(crate) mod attention;
 pub(crate) mod bce;
 pub(crate) mod fast;
+pub(crate) mod glue;
 pub(crate) mod inplace;
 pub(crate) mod layernorm;
 pub(crate) mod optim;

@@ -33,6 +33,7 @@ pub(crate) const FILES: &[(&str, &str)] = &[
     ("inplace.cu", include_str!("../../kernels/cuda/inplace.cu")),
     ("bce.cu", include_str!("../../kernels/cuda/bce.cu")),
     ("optim.cu", include_str!("../../kernels/cuda/optim.cu")),
+    ("glue.cu", include_str!("../../kernels/cuda/glue.cu")),
 ];
 
 /// A kernel file's complete compilation unit, or `None` for an unknown name.

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 pub(crate) mod attention;
 pub(crate) mod bce;
 pub(crate) mod gemm;
+pub(crate) mod glue;
 pub(crate) mod inplace;
 mod kernels;
 mod launch;
@@ -283,6 +284,7 @@ pub fn compile_variants() -> Vec<(&'static str, Vec<String>)> {
     v.push(("inplace.cu", Vec::new()));
     v.push(("bce.cu", Vec::new()));
     v.push(("optim.cu", Vec::new()));
+    v.push(("glue.cu", Vec::new()));
     // Every embedded file must be covered, so a new file cannot silently escape the check.
     for (file, _) in kernels::FILES {
         if !v.iter().any(|(f, _)| f == file) {

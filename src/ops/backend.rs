@@ -328,3 +328,35 @@ pub(crate) fn optim_step(
         Device::Wgpu(d) => crate::wgpu::optim::step(d, hyper, slots),
     }
 }
+
+/// A strided box copy between two tensors of one dtype (see `ops::glue::Copy3`).
+pub(crate) fn copy3(
+    dev: &Device,
+    p: &crate::ops::glue::Copy3,
+    src: &Tensor,
+    dst: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::glue::copy3(p, src, dst),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::glue::copy3(d, p, src, dst),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::glue::copy3(d, p, src, dst),
+    }
+}
+
+/// out[o, c] = Σ_a x[o, a, c] over contiguous tensors, f32, fixed order (see `ops::glue`).
+pub(crate) fn sum_mid(
+    dev: &Device,
+    p: &crate::ops::glue::SumMid,
+    x: &Tensor,
+    out: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::glue::sum_mid(p, x, out),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::glue::sum_mid(d, p, x, out),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::glue::sum_mid(d, p, x, out),
+    }
+}

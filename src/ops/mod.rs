@@ -7,6 +7,7 @@ pub mod bce;
 pub mod fdo;
 pub mod gated_cross;
 pub(crate) mod gemm;
+pub mod glue;
 pub mod hiformer;
 pub mod inbatch_softmax;
 pub(crate) mod inplace;

@@ -16,6 +16,7 @@ pub(crate) mod attention;
 pub(crate) mod bce;
 mod buffers;
 pub(crate) mod gemm;
+pub(crate) mod glue;
 pub(crate) mod inplace;
 pub(crate) mod layernorm;
 pub(crate) mod optim;

@@ -58,6 +58,11 @@ pub(crate) const BCE_WGSL: Shader = Shader {
     source: include_str!("../../kernels/wgsl/bce.wgsl"),
 };
 
+pub(crate) const GLUE_WGSL: Shader = Shader {
+    name: "glue.wgsl",
+    source: include_str!("../../kernels/wgsl/glue.wgsl"),
+};
+
 pub(crate) const OPTIM_WGSL: Shader = Shader {
     name: "optim.wgsl",
     source: include_str!("../../kernels/wgsl/optim.wgsl"),
