@@ -3,6 +3,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod bce;
+pub(crate) mod embedding;
 pub(crate) mod fast;
 pub(crate) mod glue;
 pub(crate) mod inplace;

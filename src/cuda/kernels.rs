@@ -34,6 +34,10 @@ pub(crate) const FILES: &[(&str, &str)] = &[
     ("bce.cu", include_str!("../../kernels/cuda/bce.cu")),
     ("optim.cu", include_str!("../../kernels/cuda/optim.cu")),
     ("glue.cu", include_str!("../../kernels/cuda/glue.cu")),
+    (
+        "embedding.cu",
+        include_str!("../../kernels/cuda/embedding.cu"),
+    ),
 ];
 
 /// A kernel file's complete compilation unit, or `None` for an unknown name.

@@ -360,3 +360,53 @@ pub(crate) fn sum_mid(
         Device::Wgpu(d) => crate::wgpu::glue::sum_mid(d, p, x, out),
     }
 }
+
+/// Pooled embedding bags into `out` `[B, total_dim]` (see `ops::embedding`).
+pub(crate) fn embedding_forward(
+    dev: &Device,
+    p: &crate::ops::embedding::EmbPlan<'_>,
+    weights: &Tensor,
+    out: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::embedding::forward(p, weights, out),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::embedding::forward(d, p, weights, out),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::embedding::forward(d, p, weights, out),
+    }
+}
+
+/// The touched rows' f32 gradients written into the zeroed flat `grad`.
+pub(crate) fn embedding_grad(
+    dev: &Device,
+    p: &crate::ops::embedding::EmbPlan<'_>,
+    dy: &Tensor,
+    grad: &mut Tensor,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::embedding::grad(p, dy, grad),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::embedding::grad(d, p, dy, grad),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::embedding::grad(d, p, dy, grad),
+    }
+}
+
+/// The fused backward + optimizer update of the touched rows.
+pub(crate) fn embedding_update(
+    dev: &Device,
+    p: &crate::ops::embedding::EmbPlan<'_>,
+    upd: crate::ops::embedding::RowUpdate,
+    dy: &Tensor,
+    weights: &mut Tensor,
+    state: Option<&mut Tensor>,
+) -> Result<()> {
+    match dev {
+        Device::Cpu => crate::cpu::embedding::update(p, upd, dy, weights, state),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::embedding::update(d, p, upd, dy, weights, state),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => crate::wgpu::embedding::update(d, p, upd, dy, weights, state),
+    }
+}

@@ -458,3 +458,63 @@ pub fn sum_backward(dy: &Tensor, axis: usize, size: usize) -> Result<Tensor> {
     copy3(OP, &p, dy, &mut dx)?;
     Ok(dx)
 }
+
+/// Copies a contiguous `[rows, dim]` `src` into the flat `dst` at element `offset`, rows
+/// `pitch` elements apart (the embedding bags' packed layout).
+pub(crate) fn write_rows(
+    dst: &mut Tensor,
+    offset: usize,
+    pitch: usize,
+    src: &Tensor,
+) -> Result<()> {
+    const OP: &str = "glue::write_rows";
+    let &[rows, dim] = src.shape() else {
+        return Err(Error::shape(OP, "src", "[rows, dim]", src.shape()));
+    };
+    let p = Copy3 {
+        outer: rows,
+        mid: 1,
+        inner: dim,
+        src: Layout3 {
+            offset: 0,
+            s_outer: dim,
+            s_mid: 0,
+        },
+        dst: Layout3 {
+            offset,
+            s_outer: pitch,
+            s_mid: 0,
+        },
+    };
+    copy3(OP, &p, src, dst)
+}
+
+/// The `[rows, dim]` block of the flat `src` at element `offset`, rows `pitch` apart, as a new
+/// contiguous tensor (the inverse of [`write_rows`]).
+pub(crate) fn read_rows(
+    src: &Tensor,
+    offset: usize,
+    pitch: usize,
+    rows: usize,
+    dim: usize,
+) -> Result<Tensor> {
+    const OP: &str = "glue::read_rows";
+    let mut out = Tensor::zeros(&[rows, dim], src.dtype(), &src.device())?;
+    let p = Copy3 {
+        outer: rows,
+        mid: 1,
+        inner: dim,
+        src: Layout3 {
+            offset,
+            s_outer: pitch,
+            s_mid: 0,
+        },
+        dst: Layout3 {
+            offset: 0,
+            s_outer: dim,
+            s_mid: 0,
+        },
+    };
+    copy3(OP, &p, src, &mut out)?;
+    Ok(out)
+}

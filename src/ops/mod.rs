@@ -4,6 +4,7 @@
 pub mod attention;
 pub(crate) mod backend;
 pub mod bce;
+pub mod embedding;
 pub mod fdo;
 pub mod gated_cross;
 pub(crate) mod gemm;

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 pub(crate) mod attention;
 pub(crate) mod bce;
 mod buffers;
+pub(crate) mod embedding;
 pub(crate) mod gemm;
 pub(crate) mod glue;
 pub(crate) mod inplace;

@@ -63,6 +63,11 @@ pub(crate) const GLUE_WGSL: Shader = Shader {
     source: include_str!("../../kernels/wgsl/glue.wgsl"),
 };
 
+pub(crate) const EMBEDDING_WGSL: Shader = Shader {
+    name: "embedding.wgsl",
+    source: include_str!("../../kernels/wgsl/embedding.wgsl"),
+};
+
 pub(crate) const OPTIM_WGSL: Shader = Shader {
     name: "optim.wgsl",
     source: include_str!("../../kernels/wgsl/optim.wgsl"),
