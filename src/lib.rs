@@ -26,6 +26,7 @@ pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod ops;
+pub mod params;
 pub mod tensor;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;

@@ -304,7 +304,7 @@ impl EmbeddingBags {
             Error::invalid(OP, "tables", format!("cannot allocate {n} host elements"))
         })?;
         host.resize(n, 0f32);
-        let mut rng = SplitMix(seed ^ 0x6a09_e667_f3bc_c909);
+        let mut rng = crate::ops::init::SplitMix(seed ^ 0x6a09_e667_f3bc_c909);
         for l in &layout {
             let bound = (1.0 / l.rows as f64).sqrt();
             for r in 0..l.rows {
@@ -864,21 +864,6 @@ fn scalar(op: &'static str, arg: &'static str, v: f32) -> Result<()> {
             arg,
             format!("{v} must be finite and ≥ 0"),
         ))
-    }
-}
-
-/// SplitMix64: a tiny, well-mixed generator so initial tables are the same on every platform
-/// without a dependency in the library.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

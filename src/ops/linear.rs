@@ -435,3 +435,102 @@ pub fn backward_into(
     }
     Ok(())
 }
+
+/// A linear layer's parameters in `nn.Linear` layout: `weight: [out, in]` (or `[G, out, in]`
+/// grouped), `bias: [out]` (or `[G, out]`). Gradients use the same type
+/// ([`Parameters::zeros_like`]), so an optimizer zips the two by name.
+///
+/// ```
+/// use recfuse::ops::linear::{self, Linear, LinearParams};
+/// use recfuse::{DType, Device, Tensor};
+/// let dev = Device::cpu();
+/// let p = LinearParams::init(4, 3, true, DType::F32, 42, &dev)?;
+/// // nn.Linear's default: U(−1/√in, 1/√in) for the weight and the bias.
+/// assert!(p.weight.to_vec::<f32>()?.iter().all(|w| w.abs() <= 0.5));
+/// let x = Tensor::full(&[2, 4], 1.0, DType::F32, &dev)?;
+/// let y = linear::forward(&x, &p.weight, p.bias.as_ref(), None, &Linear::default())?.y;
+/// assert_eq!(y.shape(), &[2, 3]);
+/// # Ok::<(), recfuse::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct LinearParams {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl LinearParams {
+    /// `nn.Linear`'s default initialisation (Kaiming-uniform with a = √5, i.e.
+    /// `U(−1/√in, 1/√in)`, for the weight and the bias), from `seed`.
+    pub fn init(
+        inp: usize,
+        out: usize,
+        bias: bool,
+        dtype: DType,
+        seed: u64,
+        device: &Device,
+    ) -> Result<LinearParams> {
+        Self::init_shaped(&[], inp, out, bias, dtype, seed, device)
+    }
+
+    /// As [`init`](Self::init) for a grouped layer: one `[out, in]` weight per group.
+    pub fn init_grouped(
+        groups: usize,
+        inp: usize,
+        out: usize,
+        bias: bool,
+        dtype: DType,
+        seed: u64,
+        device: &Device,
+    ) -> Result<LinearParams> {
+        Self::init_shaped(&[groups], inp, out, bias, dtype, seed, device)
+    }
+
+    fn init_shaped(
+        lead: &[usize],
+        inp: usize,
+        out: usize,
+        bias: bool,
+        dtype: DType,
+        seed: u64,
+        device: &Device,
+    ) -> Result<LinearParams> {
+        const OP: &str = "LinearParams::init";
+        if inp == 0 {
+            return Err(Error::invalid(
+                OP,
+                "inp",
+                "must be ≥ 1 (the bound is 1/√in)",
+            ));
+        }
+        let w_shape: Vec<usize> = lead.iter().copied().chain([out, inp]).collect();
+        let b_shape: Vec<usize> = lead.iter().copied().chain([out]).collect();
+        let bound = 1.0 / (inp as f32).sqrt();
+        let mut rng = crate::ops::init::Uniform::new(seed, bound);
+        let weight = rng.tensor(OP, &w_shape, dtype, device)?;
+        let bias = if bias {
+            Some(rng.tensor(OP, &b_shape, dtype, device)?)
+        } else {
+            None
+        };
+        Ok(LinearParams { weight, bias })
+    }
+}
+
+impl crate::params::Parameters for LinearParams {
+    fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut v = vec![("weight".to_string(), &self.weight)];
+        v.extend(self.bias.iter().map(|b| ("bias".to_string(), b)));
+        v
+    }
+    fn named_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut v = vec![("weight".to_string(), &mut self.weight)];
+        v.extend(self.bias.iter_mut().map(|b| ("bias".to_string(), b)));
+        v
+    }
+    fn try_map(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(LinearParams {
+            weight: f("weight", &self.weight)?,
+            bias: self.bias.as_ref().map(|b| f("bias", b)).transpose()?,
+        })
+    }
+}

@@ -11,6 +11,7 @@ pub(crate) mod gemm;
 pub mod glue;
 pub mod hiformer;
 pub mod inbatch_softmax;
+pub(crate) mod init;
 pub(crate) mod inplace;
 pub mod layernorm;
 pub mod linear;
