@@ -21,21 +21,28 @@ use crate::error::{Error, Result};
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
 /// Moves a `Vec<T>` of a storage dtype into `CpuStorage` without copying it.
-fn storage_from_vec<T: Element>(v: Vec<T>) -> CpuStorage {
+fn storage_from_vec<T: Element>(v: Vec<T>) -> Result<CpuStorage> {
     let any: Box<dyn Any> = Box::new(v);
-    // `Element` is implemented for exactly these three types, so one downcast succeeds; each is
-    // a move of the Vec header, never of its elements.
+    // Each downcast is a move of the Vec header, never of its elements. `Element` is a public
+    // trait, so a caller's own type falls through to a typed error.
     let any = match any.downcast::<Vec<f32>>() {
-        Ok(v) => return CpuStorage::F32(*v),
+        Ok(v) => return Ok(CpuStorage::F32(*v)),
         Err(a) => a,
     };
     let any = match any.downcast::<Vec<half::bf16>>() {
-        Ok(v) => return CpuStorage::BF16(*v),
+        Ok(v) => return Ok(CpuStorage::BF16(*v)),
         Err(a) => a,
     };
     match any.downcast::<Vec<half::f16>>() {
-        Ok(v) => CpuStorage::F16(*v),
-        Err(_) => unreachable!("Element is implemented only for f32, bf16 and f16"),
+        Ok(v) => Ok(CpuStorage::F16(*v)),
+        Err(_) => Err(Error::invalid(
+            "Tensor::from_vec",
+            "T",
+            format!(
+                "`{}` is not f32, half::bf16 or half::f16",
+                std::any::type_name::<T>()
+            ),
+        )),
     }
 }
 
@@ -87,7 +94,7 @@ impl Tensor {
         Ok(Tensor::from_parts(
             shape.to_vec(),
             T::DTYPE,
-            Storage::Cpu(storage_from_vec(data)),
+            Storage::Cpu(storage_from_vec(data)?),
         ))
     }
 
@@ -148,9 +155,10 @@ impl Tensor {
             return Err(dtype_err::<T>(OP, self));
         }
         let c = self.cpu().ok_or_else(|| not_cpu(OP, self))?;
-        // The dtype matches, so the storage is a Vec<T>: the cast is exact (same size and
-        // alignment), never a reinterpretation of another type.
-        Ok(bytemuck::cast_slice(c.as_bytes()))
+        // For f32 / bf16 / f16 the dtype match makes the storage a Vec<T>, so the cast is exact;
+        // a caller's own `Element` type of another size gets an error, not a panic.
+        bytemuck::try_cast_slice(c.as_bytes())
+            .map_err(|e| Error::invalid(OP, "T", format!("cannot view the storage as T: {e}")))
     }
 
     /// The host data in place, writable (CPU tensors only; `T` must be the dtype).
@@ -174,7 +182,8 @@ impl Tensor {
             CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
             CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
         };
-        Ok(bytemuck::cast_slice_mut(bytes))
+        bytemuck::try_cast_slice_mut(bytes)
+            .map_err(|e| Error::invalid(OP, "T", format!("cannot view the storage as T: {e}")))
     }
 }
 
