@@ -25,6 +25,7 @@ pub mod device;
 pub mod dist;
 pub mod dtype;
 pub mod error;
+pub mod interop;
 pub mod ops;
 pub mod params;
 pub mod tensor;

@@ -176,6 +176,41 @@ impl CudaDevice {
         )
     }
 
+    /// The cudarc context recfuse created this device on (the device's primary context, so
+    /// memory allocated through any cudarc `CudaContext` on the same ordinal is valid here).
+    ///
+    /// recfuse disabled cudarc's per-allocation event tracking on this `CudaContext` value
+    /// (everything recfuse does is ordered on [`CudaDevice::stream`]), so slices you allocate
+    /// through it are ordered by stream order only: if you use them on another stream,
+    /// synchronise that stream with this one yourself.
+    ///
+    /// ```no_run
+    /// let dev = recfuse::Device::cuda(0)?;
+    /// let cuda = dev.as_cuda().expect("a CUDA device");
+    /// let ctx = cuda.context();
+    /// println!("{}", ctx.name().unwrap_or_default());
+    /// # Ok::<(), recfuse::Error>(())
+    /// ```
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The one stream all of recfuse's allocations, copies, launches and frees on this device
+    /// are ordered on. Work you queue on it is ordered with recfuse's; work on your other
+    /// streams is not (join them with an event first).
+    ///
+    /// ```no_run
+    /// let dev = recfuse::Device::cuda(0)?;
+    /// let stream = dev.as_cuda().expect("a CUDA device").stream().clone();
+    /// // A buffer allocated on recfuse's stream, ordered with everything recfuse does.
+    /// let buf = stream.alloc_zeros::<f32>(1024).expect("alloc");
+    /// assert_eq!(buf.len(), 1024);
+    /// # Ok::<(), recfuse::Error>(())
+    /// ```
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// The CUDA device ordinal (`N` in `cuda:N`).
     pub fn ordinal(&self) -> usize {
         self.ordinal

@@ -92,6 +92,36 @@ fn adapter_line(info: &wgpu::AdapterInfo) -> String {
 }
 
 impl WgpuDevice {
+    /// The wgpu device recfuse creates its buffers and pipelines on.
+    ///
+    /// Wrapping a caller's `wgpu::Buffer` as a `Tensor` is not supported yet; share data through
+    /// `Tensor::from_slice` / `to_vec`, or encode your own passes on this device and queue.
+    ///
+    /// ```no_run
+    /// let dev = recfuse::Device::wgpu(&Default::default())?;
+    /// let w = dev.as_wgpu().expect("a wgpu device");
+    /// let _limits = w.device().limits();
+    /// # Ok::<(), recfuse::Error>(())
+    /// ```
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue recfuse submits all of its work on: your submissions on it are ordered with
+    /// recfuse's.
+    ///
+    /// ```no_run
+    /// let dev = recfuse::Device::wgpu(&Default::default())?;
+    /// let q = dev.as_wgpu().expect("a wgpu device").queue();
+    /// q.submit([]);
+    /// # Ok::<(), recfuse::Error>(())
+    /// ```
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+}
+
+impl WgpuDevice {
     /// Opens the best adapter (see `rank`); software adapters only with `opts.allow_software`.
     pub(crate) fn new(opts: &WgpuOptions) -> Result<Arc<Self>> {
         let unavailable = |reason: String| Error::DeviceUnavailable {
