@@ -1,7 +1,9 @@
-//! Quickstart: `cargo run --release --example quickstart`.
+//! Quickstart, the per-op correctness table: `cargo run --release --example quickstart`
+//! (`-- --software` also runs a software wgpu adapter such as Mesa lavapipe, labelled; it is
+//! slow, so only when asked).
 //!
-//! Opens every backend this machine has (the CPU always; wgpu, with a software adapter such as
-//! Mesa lavapipe allowed but labelled; CUDA when a GPU and libnvrtc are present), says why the
+//! Opens every backend this machine has (the CPU always; a hardware wgpu adapter; CUDA when a
+//! GPU and libnvrtc are present), says why the
 //! others are missing, and runs on each, forward and backward, checked against a reference:
 //! * one linear layer `gelu(x·Wᵀ + b)` in f32 and bf16, against the f64 CPU reference;
 //! * a 3-layer gated cross stack (GDCN, width 189) in f32 and bf16, against the f64 reference;
@@ -414,10 +416,20 @@ fn softmax_4_ranks() -> recfuse::Result<Row> {
 }
 
 fn main() -> ExitCode {
+    recfuse::prepare_headless();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let software = args.iter().any(|a| a == "--software");
+    if let Some(a) = args.iter().find(|a| *a != "--software") {
+        eprintln!("unknown argument {a:?}; usage: quickstart [--software]");
+        return ExitCode::FAILURE;
+    }
     let mut found: Vec<(String, Device)> = vec![("cpu".into(), Device::cpu())];
     let mut missing: Vec<String> = Vec::new();
     match Device::wgpu(&WgpuOptions::default()) {
         Ok(d) => found.push(("wgpu".into(), d)),
+        Err(hw) if !software => missing.push(format!(
+            "wgpu: {hw} (pass --software to run a software adapter)"
+        )),
         Err(hw) => match Device::wgpu(&WgpuOptions {
             allow_software: true,
         }) {

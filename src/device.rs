@@ -47,6 +47,31 @@ impl PartialEq for Device {
     }
 }
 
+/// Quiets the Vulkan loader on a headless machine; call it first thing in `main`, before any
+/// thread starts (it may set an environment variable).
+///
+/// Without a session (`XDG_RUNTIME_DIR` unset: CI, containers, ssh), Mesa's `device_select`
+/// Vulkan layer tries to reach a Wayland display while adapters are enumerated and prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` for nothing. The layer
+/// only reorders adapters, which recfuse ranks itself, so on such a machine this sets
+/// `NODEVICE_SELECT=1` (Mesa's switch for it). It does nothing where a session exists or the
+/// variable is already set. The library never changes the environment by itself.
+///
+/// ```
+/// recfuse::device::prepare_headless();
+/// let (dev, why) = recfuse::Device::auto()?;
+/// println!("{} ({why})", dev.describe());
+/// # Ok::<(), recfuse::Error>(())
+/// ```
+pub fn prepare_headless() {
+    let session = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| std::path::Path::new(&d).is_dir())
+        .unwrap_or(false);
+    if !session && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 thread_local! {
     static HOST_TRANSFERS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }

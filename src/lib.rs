@@ -32,7 +32,7 @@ pub mod tensor;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
-pub use device::{Device, WgpuOptions};
+pub use device::{prepare_headless, Device, WgpuOptions};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use ops::Activation;

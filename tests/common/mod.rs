@@ -42,6 +42,8 @@ fn selected(name: &str) -> bool {
 }
 
 fn open_backends() -> Vec<Backend> {
+    // Before any adapter is enumerated, while the other test threads wait on the OnceLock.
+    recfuse::device::prepare_headless();
     let mut out = Vec::new();
     if selected("cpu") {
         out.push(Backend {
