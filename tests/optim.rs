@@ -174,46 +174,33 @@ fn make_cases(
         .collect()
 }
 
-/// As `grads` in f32, with every effective gradient `g + wd·p` at least 1e-3 from zero:
-/// Adam's first step is `g / (|g| + eps)`, which turns the f32 rounding of `g + wd·p`
-/// (≈ 4e-9) into an O(1) error in the update when |g + wd·p| is near eps. That point is
-/// ill-conditioned in any precision, so the test stays away from it rather than widening the
-/// tolerance for every other element.
-fn adam_grads(
-    r: &mut rand::rngs::StdRng,
-    dev: &Device,
-    cases: &[Case],
-    wd: f64,
-) -> Vec<(Tensor, Vec<f64>)> {
-    cases
-        .iter()
-        .map(|c| {
-            let n: usize = c.shape.iter().product();
-            let mut g = uniform(r, n, 1.0);
-            for (k, gk) in g.iter_mut().enumerate() {
-                while (*gk as f64 + wd * c.p[k]).abs() < 1e-3 {
-                    *gk = uniform(r, 1, 1.0)[0];
-                }
-            }
-            let t = Tensor::from_f32(&g, &c.shape, DType::F32, dev).unwrap();
-            let v = t.to_f64_vec().unwrap();
-            (t, v)
-        })
-        .collect()
-}
-
 /// Random gradients for every case (in `gdt`), plus the exact f64 values they hold.
+///
+/// With `l2: Some(wd)`, every effective gradient `g + wd·p` is kept at least 1e-3 from zero
+/// (`Some(0.0)` for decoupled or no weight decay): Adam's first step is `g / (|g| + eps)`,
+/// which turns the f32 rounding of `g + wd·p` (≈ 4e-9) into an O(1) error in the update when
+/// |g + wd·p| is near eps. That point is ill-conditioned in any precision, so the test stays
+/// away from it rather than widening the tolerance for every other element.
 fn grads(
     r: &mut rand::rngs::StdRng,
     dev: &Device,
     cases: &[Case],
     gdt: DType,
+    l2: Option<f64>,
 ) -> Vec<(Tensor, Vec<f64>)> {
     cases
         .iter()
         .map(|c| {
             let n = c.shape.iter().product();
-            let t = Tensor::from_f32(&uniform(r, n, 1.0), &c.shape, gdt, dev).unwrap();
+            let mut g = uniform(r, n, 1.0);
+            if let Some(wd) = l2 {
+                for (gk, pk) in g.iter_mut().zip(&c.p) {
+                    while (*gk as f64 + wd * pk).abs() < 1e-3 {
+                        *gk = uniform(r, 1, 1.0)[0];
+                    }
+                }
+            }
+            let t = Tensor::from_f32(&g, &c.shape, gdt, dev).unwrap();
             let v = t.to_f64_vec().unwrap();
             (t, v)
         })
@@ -275,7 +262,7 @@ fn sgd_trajectories_match_pytorch() {
                     let mut cases =
                         make_cases(&mut r, &be.device, dt, master, &shapes, |s| s.to_vec());
                     for step in 1..=STEPS {
-                        let gs = grads(&mut r, &be.device, &cases, dt);
+                        let gs = grads(&mut r, &be.device, &cases, dt, None);
                         for (c, (_, gv)) in cases.iter_mut().zip(&gs) {
                             sgd_ref(&mut c.p, gv, &mut c.buf, cfg);
                             round_to(dt, master, &mut c.p);
@@ -327,14 +314,14 @@ fn adam_and_adamw_trajectories_match_pytorch() {
                     let what = format!("{} adam {dt} master={master} {cfg:?}", be.name);
                     let mut cases =
                         make_cases(&mut r, &be.device, dt, master, &shapes, |s| s.to_vec());
+                    let l2 = if cfg.decoupled_weight_decay {
+                        0.0
+                    } else {
+                        cfg.weight_decay as f64
+                    };
                     for step in 1..=STEPS {
                         // Gradients in f32 even for 16-bit params (the mixed-dtype path).
-                        let wd = if cfg.decoupled_weight_decay {
-                            0.0
-                        } else {
-                            cfg.weight_decay as f64
-                        };
-                        let gs = adam_grads(&mut r, &be.device, &cases, wd);
+                        let gs = grads(&mut r, &be.device, &cases, DType::F32, Some(l2));
                         for (c, (_, gv)) in cases.iter_mut().zip(&gs) {
                             adam_ref(&mut c.p, gv, &mut c.m1, &mut c.m2, cfg, step);
                             round_to(dt, master, &mut c.p);
@@ -415,7 +402,7 @@ fn rowwise_adagrad_trajectories_match_fbgemm() {
                     let mut cases =
                         make_cases(&mut r, &be.device, dt, master, &shapes, |s| vec![s[0]]);
                     for step in 1..=STEPS {
-                        let gs = grads(&mut r, &be.device, &cases, dt);
+                        let gs = grads(&mut r, &be.device, &cases, dt, None);
                         for (c, (_, gv)) in cases.iter_mut().zip(&gs) {
                             adagrad_ref(&mut c.p, gv, &mut c.m1, c.shape[1], cfg);
                             round_to(dt, master, &mut c.p);
@@ -461,7 +448,7 @@ fn many_tensors_in_one_step() {
             s.to_vec()
         });
         for step in 1..=2 {
-            let gs = grads(&mut r, &be.device, &cases, DType::F32);
+            let gs = grads(&mut r, &be.device, &cases, DType::F32, None);
             for (c, (_, gv)) in cases.iter_mut().zip(&gs) {
                 sgd_ref(&mut c.p, gv, &mut c.buf, &cfg);
             }
