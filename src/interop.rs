@@ -3,7 +3,9 @@
 //! * CPU: [`Tensor::from_vec`] takes a `Vec<T>` without copying it, [`Tensor::into_vec`] gives it
 //!   back, and [`Tensor::as_slice`] / [`Tensor::as_mut_slice`] borrow the host data in place.
 //! * CUDA: [`Device::as_cuda`] gives the [`crate::cuda::CudaDevice`], whose `context()` and
-//!   `stream()` are the cudarc handles recfuse orders all of its work on.
+//!   `stream()` are the cudarc handles recfuse orders all of its work on; a caller's cudarc
+//!   `CudaSlice` becomes a tensor and back without a copy, a raw device pointer can be borrowed,
+//!   and a device can run on the caller's stream (see [`crate::cuda::interop`]).
 //! * WGSL: [`Device::as_wgpu`] gives the [`crate::wgpu::WgpuDevice`], whose `device()` and
 //!   `queue()` are the wgpu handles recfuse submits on. Wrapping caller-owned buffers is not
 //!   supported yet.

@@ -575,3 +575,47 @@ fn bad_input_gives_typed_errors() {
         "{e}"
     );
 }
+
+/// Without a gate bias the packed bias keeps (b_c, 0) pairs: its gradient's gate slots must stay
+/// exactly 0 (overwrite and accumulate), or an optimizer on the packed form trains a gate bias
+/// that `unpack_grads` then drops. Regression test: the backward used to fill them.
+#[test]
+fn packed_grads_keep_missing_gate_bias_zero() {
+    for be in backends() {
+        let dev = &be.device;
+        for net in [
+            cfg(13, 2, DType::F32),
+            GatedCross {
+                rank: Some(4),
+                ..cfg(13, 2, DType::BF16)
+            },
+        ] {
+            let what = format!("{} {net:?}", be.name);
+            let mut r = rng(&what);
+            let (weights, _) = random_weights(&net, &mut r, dev);
+            let params = net.pack(&weights, dev).unwrap();
+            let (x0, _) = common::random_tensor(&mut r, &[9, net.width], 1.0, net.dtype, dev);
+            let (_, saved) = net.forward(&x0, &params, SavePolicy::SaveAll).unwrap();
+            let (dy, _) = common::random_tensor(&mut r, &[9, net.width], 1.0, net.dtype, dev);
+            let mut grads = net.zero_grads(&params).unwrap();
+            for l in &mut grads.layers {
+                l.b = Tensor::poisoned(l.b.shape(), l.b.dtype(), dev).unwrap();
+            }
+            net.backward_into(&params, &saved, &dy, &mut grads, false)
+                .unwrap();
+            net.backward_into(&params, &saved, &dy, &mut grads, true)
+                .unwrap();
+            for (l, g) in grads.layers.iter().enumerate() {
+                let b = g.b.to_f64_vec().unwrap();
+                assert_eq!(b.len(), 2 * net.width);
+                for j in 0..net.width {
+                    assert_eq!(b[2 * j + 1], 0.0, "{what} layer {l} gate-bias slot {j}");
+                    assert!(
+                        b[2 * j] != 0.0 && b[2 * j].is_finite(),
+                        "{what} layer {l} db_c {j}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -119,3 +119,141 @@ fn gpu_tensors_and_handles() {
     }
     eprintln!("[recfuse tests] interop GPU checks ran on: {ran:?} (none means no GPU backend was present)");
 }
+
+/// CUDA: a caller's `CudaSlice` becomes a tensor without a copy and comes back as one; a raw
+/// pointer is borrowed (written in place, never freed); a caller's stream carries every launch;
+/// bad pointers, lengths and dtypes are typed errors.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_slices_raw_pointers_and_streams() {
+    use cudarc::driver::DevicePtr;
+    use recfuse::cuda::interop::CUDA_PTR_ALIGN;
+    let mut rng = common::rng("interop-cuda");
+    let mut ran = Vec::new();
+    for be in common::backends() {
+        let Some(c) = be.device.as_cuda() else {
+            continue;
+        };
+        let dev = &be.device;
+        let stream = c.stream().clone();
+        let x = common::uniform(&mut rng, 12, 1.0);
+        let y0 = common::uniform(&mut rng, 12, 1.0);
+        let want: Vec<f64> = y0
+            .iter()
+            .zip(&x)
+            .map(|(&y, &x)| y as f64 + 0.5 * x as f64)
+            .collect();
+
+        // Owned hand-over both ways; the pointer is the same allocation throughout.
+        let xs = stream.clone_htod(&x).unwrap();
+        let (xp, g) = xs.device_ptr(&stream);
+        drop(g);
+        let xt = Tensor::from_cuda_slice(dev, xs, &[3, 4]).unwrap();
+        assert_eq!(
+            xt.cuda_ptr(),
+            Some(xp),
+            "{}: no copy on the way in",
+            be.name
+        );
+        assert_eq!(xt.to_vec::<f32>().unwrap(), x);
+        let mut yt = Tensor::from_slice(&y0, &[3, 4], dev).unwrap();
+        yt.axpy(0.5, &xt).unwrap();
+        let ys = yt.into_cuda_slice::<f32>().unwrap();
+        let (yp, g) = ys.device_ptr(&stream);
+        drop(g);
+        let got: Vec<f64> = stream
+            .clone_dtoh(&ys)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        common::assert_close("axpy into a handed-back slice", &got, &want, 1e-6);
+        assert_ne!(yp, 0);
+
+        // A slice written on another stream is ordered before recfuse reads it.
+        let other = c.context().new_stream().unwrap();
+        let zs = other.clone_htod(&x).unwrap();
+        let zt = Tensor::from_cuda_slice(dev, zs, &[12]).unwrap();
+        assert_eq!(zt.to_vec::<f32>().unwrap(), x);
+
+        // Borrowed raw memory: written in place, still valid (and ours) after the tensor drops.
+        let mine = stream.clone_htod(&y0).unwrap();
+        let (p, g) = mine.device_ptr(&stream);
+        drop(g);
+        // SAFETY: `mine` holds 12 f32, outlives the tensor, and is used on recfuse's stream only.
+        let mut rt = unsafe { Tensor::from_raw_cuda(dev, p, &[3, 4], DType::F32) }.unwrap();
+        assert_eq!(rt.cuda_ptr(), Some(p));
+        rt.axpy(0.5, &xt).unwrap();
+        drop(rt);
+        // SAFETY: as above.
+        let rt2 = unsafe { Tensor::from_raw_cuda(dev, p, &[12], DType::F32) }.unwrap();
+        match rt2.into_cuda_slice::<f32>() {
+            Err(Error::InvalidArgument { arg: "self", .. }) => {}
+            other => panic!(
+                "{}: borrowed memory handed out as owned: {other:?}",
+                be.name
+            ),
+        }
+        let got: Vec<f64> = stream
+            .clone_dtoh(&mine)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        common::assert_close("axpy into borrowed memory", &got, &want, 1e-6);
+        drop(mine); // freed once, by its owner: a double free is a recorded driver error
+        c.synchronize().unwrap();
+        c.context()
+            .check_err()
+            .unwrap_or_else(|e| panic!("{}: driver error after the hand-overs: {e}", be.name));
+
+        // Typed errors, nothing wrapped.
+        let s = stream.clone_htod(&x).unwrap();
+        match Tensor::from_cuda_slice(dev, s, &[5]) {
+            Err(Error::Shape { arg: "slice", .. }) => {}
+            other => panic!("{}: wrong length accepted: {other:?}", be.name),
+        }
+        // SAFETY: both calls are rejected before the pointer is used.
+        unsafe {
+            match Tensor::from_raw_cuda(dev, p + 2, &[4], DType::BF16) {
+                Err(Error::InvalidArgument { arg: "ptr", .. }) => {}
+                other => panic!("{}: misaligned pointer accepted: {other:?}", be.name),
+            }
+            assert!(Tensor::from_raw_cuda(dev, 0, &[4], DType::F32).is_err());
+            assert!(Tensor::from_raw_cuda(&Device::cpu(), p, &[4], DType::F32).is_err());
+        }
+        assert_eq!(CUDA_PTR_ALIGN, 16);
+        let t = Tensor::from_slice(&x, &[12], dev).unwrap();
+        assert!(matches!(
+            t.into_cuda_slice::<half::bf16>(),
+            Err(Error::DType { .. })
+        ));
+        assert!(Tensor::from_slice(&x, &[12], &Device::cpu())
+            .unwrap()
+            .into_cuda_slice::<f32>()
+            .is_err());
+
+        // The caller's stream carries recfuse's work; results agree with the default device.
+        let mine = c.context().new_stream().unwrap();
+        let sdev = Device::cuda_on_stream(mine.clone()).unwrap();
+        assert!(std::sync::Arc::ptr_eq(
+            sdev.as_cuda().unwrap().stream(),
+            &mine
+        ));
+        let a = Tensor::from_slice(&x, &[3, 4], &sdev).unwrap();
+        let mut b = Tensor::from_slice(&y0, &[3, 4], &sdev).unwrap();
+        b.axpy(0.5, &a).unwrap();
+        common::assert_close(
+            "axpy on the caller's stream",
+            &b.to_f64_vec().unwrap(),
+            &want,
+            1e-6,
+        );
+        // Tensors of two recfuse devices (two streams) do not mix silently.
+        assert!(b.axpy(1.0, &xt).is_err());
+        ran.push(be.name);
+    }
+    eprintln!(
+        "[recfuse tests] CUDA interop ran on: {ran:?} (none means no CUDA backend was present)"
+    );
+}

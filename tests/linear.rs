@@ -620,3 +620,47 @@ fn zeros_are_zero_on_every_backend() {
         }
     }
 }
+
+/// NaN in x or in the bias reaches every output it feeds, through every activation (ReLU used to
+/// map it to 0, as `max(z, 0)` does) and every dtype; everything else stays finite.
+#[test]
+fn nan_propagates_through_every_epilogue() {
+    for be in backends() {
+        let dev = &be.device;
+        for dtype in [DType::F32, DType::BF16] {
+            for act in [
+                Activation::None,
+                Activation::Relu,
+                Activation::Gelu,
+                Activation::Sigmoid,
+            ] {
+                let what = format!("{} {dtype:?} {act:?}", be.name);
+                let mut r = rng(&what);
+                let (rows, inp, out) = (5, 12, 7);
+                let mut xv = common::uniform(&mut r, rows * inp, 1.0);
+                xv[2 * inp + 3] = f32::NAN;
+                let mut bv = common::uniform(&mut r, out, 1.0);
+                bv[4] = f32::NAN;
+                let wv = common::uniform(&mut r, out * inp, 1.0);
+                let x = Tensor::from_f32(&xv, &[rows, inp], dtype, dev).unwrap();
+                let w = Tensor::from_f32(&wv, &[out, inp], dtype, dev).unwrap();
+                let b = Tensor::from_f32(&bv, &[out], dtype, dev).unwrap();
+                let cfg = Linear {
+                    activation: act,
+                    ..Default::default()
+                };
+                let y = linear::forward(&x, &w, Some(&b), None, &cfg)
+                    .unwrap()
+                    .y
+                    .to_f64_vec()
+                    .unwrap();
+                for i in 0..rows {
+                    for j in 0..out {
+                        let v = y[i * out + j];
+                        assert_eq!(v.is_nan(), i == 2 || j == 4, "{what}: y[{i}, {j}] = {v}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -119,7 +119,8 @@ __device__ __forceinline__ void rf_store_dyn(unsigned long long base, unsigned d
 __device__ __forceinline__ float rf_act(unsigned act, float z) {
     switch (act) {
         case RF_ACT_RELU:
-            return fmaxf(z, 0.0f);
+            // NaN stays NaN (PyTorch's rule; fmaxf drops it): a bit test, fast-math proof.
+            return (z > 0.0f || (__float_as_uint(z) & 0x7fffffffu) > 0x7f800000u) ? z : 0.0f;
         case RF_ACT_GELU:
             return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
         case RF_ACT_SIGMOID:

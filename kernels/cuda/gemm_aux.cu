@@ -1,7 +1,8 @@
 // recfuse GEMM-core helpers for the backward pass of a fused GEMM (src/ops/backend.rs):
 //
 // act_backward:   dz[i] = dy[i] · act'(pre[i])       (act'(·) = 1 when pre is absent)
-// col_sum:        out[j] (+)= Σ_{i < rows} x[i·cols + j]       (bias gradient)
+// col_sum:        out[j] (+)= Σ_{i < rows} x[i·cols + j]       (bias gradient; with skip_odd
+//                 the odd columns count as 0: the gate-bias slots of a GDCN without one)
 //
 // Storage dtypes of every tensor are runtime fields (codes 0 f32, 1 bf16, 2 f16): each element
 // is touched once, so a block-uniform branch costs nothing next to the memory access, and one
@@ -55,11 +56,14 @@ struct ColSumParams {
     unsigned splits, rows_per_split;
     unsigned x_dt, out_dt;
     unsigned accumulate;
-    unsigned pad_;
+    unsigned skip_odd;  // odd columns of x count as zeros (structural zeros, e.g. no gate bias)
 };
 static_assert(sizeof(ColSumParams) == 56, "ColSumParams layout must match the host");
 
 __device__ __forceinline__ void col_sum_store(const ColSumParams& p, unsigned j, float s) {
+    if (p.skip_odd && (j & 1u)) {
+        s = 0.0f;
+    }
     if (p.accumulate) {
         s += rf_load_dyn(p.out, p.out_dt, j);
     }

@@ -154,7 +154,10 @@ fn erf_f32(x: f32) -> f32 {
 fn act_fwd(act: u32, z: f32) -> f32 {
     switch act {
         case 1u: {
-            return max(z, 0.0);
+            // NaN stays NaN (PyTorch's rule; `max` may drop it). A bit test, because WGSL lets
+            // implementations assume NaN away in float comparisons.
+            let is_nan = (bitcast<u32>(z) & 0x7fffffffu) > 0x7f800000u;
+            return select(0.0, z, z > 0.0 || is_nan);
         }
         case 2u: {
             return 0.5 * z * (1.0 + erf_f32(z * 0.70710678118654752));

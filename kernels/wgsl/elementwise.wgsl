@@ -24,7 +24,8 @@
 //   columns of one row together, so the reads coalesce) + cols·s_out.
 //
 // Variants (overrides): DT_DST, DT_DY, DT_PRE, DT_X dtype codes (0 f32, 1 bf16, 2 f16);
-// ACT; HAS_PRE; ACCUMULATE.
+// ACT; HAS_PRE; ACCUMULATE; SKIP_ODD (col_sum: odd columns count as 0, the gate-bias slots of
+// a GDCN without one).
 
 override DT_DST: u32 = 0u;
 override DT_DY: u32 = 0u;
@@ -33,6 +34,7 @@ override DT_X: u32 = 0u;
 override ACT: u32 = 0u;
 override HAS_PRE: bool = false;
 override ACCUMULATE: bool = false;
+override SKIP_ODD: bool = false;
 
 const WG: u32 = 256u;
 
@@ -175,6 +177,9 @@ struct ColParams {
 
 fn column_sum(j: u32) -> f32 {
     var s = 0.0;
+    if (SKIP_ODD && (j & 1u) == 1u) {
+        return s;
+    }
     for (var i = 0u; i < CS.rows; i++) {
         let e = i * CS.cols + j;
         s += decode(cs_x[word_of(e, DT_X)], e, DT_X);

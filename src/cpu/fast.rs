@@ -248,13 +248,15 @@ pub(crate) fn act_backward(
     Ok(())
 }
 
-/// out[j] (+)= Σ_i x[i·cols + j]: a deterministic column sum (fixed order per column).
+/// out[j] (+)= Σ_i x[i·cols + j]: a deterministic column sum (fixed order per column). With
+/// `skip_odd` the odd columns of x count as zeros (structural zeros of an interleaved layout).
 pub(crate) fn col_sum(
     x: &Tensor,
     rows: usize,
     cols: usize,
     out: &mut Tensor,
     accumulate: bool,
+    skip_odd: bool,
 ) -> Result<()> {
     const OP: &str = "col_sum(cpu)";
     let xv = widened(host(OP, "x", x)?);
@@ -264,8 +266,10 @@ pub(crate) fn col_sum(
     );
     (0..cols).into_par_iter().with_min_len(64).for_each(|j| {
         let mut s = 0f32;
-        for i in 0..rows {
-            s += xv[i * cols + j];
+        if !(skip_odd && j % 2 == 1) {
+            for i in 0..rows {
+                s += xv[i * cols + j];
+            }
         }
         // SAFETY: j < cols ≤ out.numel() (checked by the caller); each j has one task.
         unsafe {

@@ -8,7 +8,13 @@ use crate::ops::gemm::{erf_f64, Activation};
 pub fn act(act: Activation, z: f64) -> f64 {
     match act {
         Activation::None => z,
-        Activation::Relu => z.max(0.0),
+        Activation::Relu => {
+            if z > 0.0 || z.is_nan() {
+                z
+            } else {
+                0.0
+            }
+        }
         Activation::Gelu => 0.5 * z * (1.0 + erf_f64(z / std::f64::consts::SQRT_2)),
         Activation::Sigmoid => 1.0 / (1.0 + (-z).exp()),
     }

@@ -520,7 +520,7 @@ struct ColSumParams {
     x_dt: u32,
     out_dt: u32,
     accumulate: u32,
-    pad: u32,
+    skip_odd: u32,
 }
 const _: () = assert!(std::mem::size_of::<ColSumParams>() == 56);
 // SAFETY: #[repr(C)], integers only, no implicit padding, same layout as the CUDA struct.
@@ -545,6 +545,7 @@ pub(crate) fn col_sum(
     cols: usize,
     out: &mut Tensor,
     accumulate: bool,
+    skip_odd: bool,
 ) -> Result<()> {
     const OP: &str = "col_sum(cuda)";
     if cols == 0 {
@@ -579,6 +580,7 @@ pub(crate) fn col_sum(
         x_dt: dt_code(x.dtype()),
         out_dt: dt_code(out.dtype()),
         accumulate: accumulate as u32,
+        skip_odd: skip_odd as u32,
         ..Default::default()
     };
     let partial = d.function("gemm_aux.cu", &[], "col_sum_partial")?;

@@ -7,6 +7,7 @@
 //! instead of panicking (cudarc itself panics if a library is missing when first called, so
 //! presence is checked before anything else touches it).
 
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
@@ -19,6 +20,7 @@ pub(crate) mod embedding;
 pub(crate) mod gemm;
 pub(crate) mod glue;
 pub(crate) mod inplace;
+pub mod interop;
 mod kernels;
 mod launch;
 pub(crate) mod layernorm;
@@ -57,9 +59,63 @@ impl std::fmt::Debug for CudaDevice {
 #[derive(Debug)]
 pub(crate) struct CudaStorage {
     pub device: Arc<CudaDevice>,
-    /// At least one byte even for empty tensors (a zero-byte allocation is an error).
-    pub(crate) buf: CudaSlice<u8>,
+    /// At least one byte even for empty tensors (a zero-byte allocation is an error). Freed on
+    /// drop only when `owned`: a tensor wrapping a caller's raw pointer must leave it alone.
+    pub(crate) buf: ManuallyDrop<CudaSlice<u8>>,
     pub(crate) len: usize,
+    owned: bool,
+}
+
+impl CudaStorage {
+    /// Storage that owns `buf` (freed, stream-ordered, when the tensor drops).
+    pub(crate) fn owned(device: Arc<CudaDevice>, buf: CudaSlice<u8>, len: usize) -> CudaStorage {
+        CudaStorage {
+            device,
+            buf: ManuallyDrop::new(buf),
+            len,
+            owned: true,
+        }
+    }
+
+    /// Storage over memory recfuse does not own: never freed by recfuse.
+    pub(crate) fn borrowed(device: Arc<CudaDevice>, buf: CudaSlice<u8>, len: usize) -> CudaStorage {
+        CudaStorage {
+            device,
+            buf: ManuallyDrop::new(buf),
+            len,
+            owned: false,
+        }
+    }
+
+    /// Whether dropping this storage frees its memory.
+    pub(crate) fn is_owned(&self) -> bool {
+        self.owned
+    }
+
+    /// Gives up the allocation without freeing it: its device pointer. The storage's stream
+    /// keeps the order of everything queued on it before.
+    pub(crate) fn into_raw(self) -> u64 {
+        let mut me = ManuallyDrop::new(self);
+        // SAFETY: `me` is never dropped, so its `buf` and `device` are each moved out (or
+        // dropped) exactly once, here.
+        let buf = unsafe { ManuallyDrop::take(&mut me.buf) };
+        // SAFETY: as above; `device` is not touched again.
+        unsafe { std::ptr::drop_in_place(&mut me.device) };
+        buf.leak()
+    }
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        // SAFETY: `buf` is taken exactly once, here, and never used again.
+        let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
+        if self.owned {
+            drop(buf);
+        } else {
+            // Not ours: release cudarc's handle (its stream Arc) without freeing the memory.
+            let _ = buf.leak();
+        }
+    }
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
@@ -138,6 +194,26 @@ impl CudaDevice {
         let stream = ctx
             .new_stream()
             .map_err(|e| unavailable(format!("creating a stream on cuda:{ordinal}: {e}")))?;
+        Self::with_stream(ordinal, ctx, stream)
+    }
+
+    /// A device that orders all of recfuse's work on the caller's `stream` (and its context).
+    /// The context's event-tracking setting is left as the caller chose it.
+    pub(crate) fn on_stream(stream: Arc<CudaStream>) -> Result<Arc<Self>> {
+        // A stream exists, so libcuda is loaded and initialised; NVRTC is still needed.
+        nvrtc::nvrtc()?;
+        check_driver_version()?;
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread()
+            .map_err(|e| unavailable(format!("binding the stream's context: {e}")))?;
+        Self::with_stream(ctx.ordinal(), ctx, stream)
+    }
+
+    fn with_stream(
+        ordinal: usize,
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+    ) -> Result<Arc<Self>> {
         let q = |what: &str, e: DriverError| {
             unavailable(format!("querying cuda:{ordinal} {what}: {e}"))
         };
@@ -234,11 +310,7 @@ impl CudaDevice {
                 backend_err(&format!("copying {} bytes to the device", bytes.len()), e)
             })?;
         }
-        Ok(CudaStorage {
-            device: self.clone(),
-            buf,
-            len: bytes.len(),
-        })
+        Ok(CudaStorage::owned(self.clone(), buf, bytes.len()))
     }
 
     /// A zero-filled allocation of `nbytes` (a device memset: no host buffer, no copy).
@@ -247,11 +319,7 @@ impl CudaDevice {
             .stream
             .alloc_zeros::<u8>(nbytes.max(1))
             .map_err(|e| backend_err(&format!("allocating {nbytes} zeroed bytes"), e))?;
-        Ok(CudaStorage {
-            device: self.clone(),
-            buf,
-            len: nbytes,
-        })
+        Ok(CudaStorage::owned(self.clone(), buf, nbytes))
     }
 
     /// Copies the first `nbytes` of `s` to the host, after all work queued before it.

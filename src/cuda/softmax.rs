@@ -401,7 +401,7 @@ pub(crate) fn grad_queries(
     len_of(OP, "lse", lse.len(), b)?;
     let sdq = storage_mut(OP, "dq", d, dq)?;
     d.stream
-        .memset_zeros(&mut sdq.buf)
+        .memset_zeros(&mut *sdq.buf)
         .map_err(|e| backend_err("clearing dq", e))?;
     if b == 0 || a.n == 0 {
         return Ok(0.0); // no active row: zero gradients
@@ -477,7 +477,7 @@ pub(crate) fn grad_columns(
     len_of(OP, "lse", lse.len(), b)?;
     let sdc = storage_mut(OP, "dc", d, dc)?;
     d.stream
-        .memset_zeros(&mut sdc.buf)
+        .memset_zeros(&mut *sdc.buf)
         .map_err(|e| backend_err("clearing dc", e))?;
     if b == 0 || len == 0 {
         return Ok(()); // no rows: zero gradients

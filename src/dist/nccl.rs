@@ -949,11 +949,7 @@ impl NcclComm {
         Ok(Tensor::from_parts(
             out_shape,
             t.dtype(),
-            Storage::Cuda(CudaStorage {
-                device: self.device.clone(),
-                buf,
-                len: total,
-            }),
+            Storage::Cuda(CudaStorage::owned(self.device.clone(), buf, total)),
         ))
     }
 

@@ -71,16 +71,17 @@ pub(crate) fn col_sum(
     cols: usize,
     out: &mut Tensor,
     accumulate: bool,
+    skip_odd: bool,
 ) -> Result<()> {
     if cols == 0 {
         return Ok(());
     }
     match dev {
-        Device::Cpu => crate::cpu::fast::col_sum(x, rows, cols, out, accumulate),
+        Device::Cpu => crate::cpu::fast::col_sum(x, rows, cols, out, accumulate, skip_odd),
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => crate::cuda::gemm::col_sum(d, x, rows, cols, out, accumulate),
+        Device::Cuda(d) => crate::cuda::gemm::col_sum(d, x, rows, cols, out, accumulate, skip_odd),
         #[cfg(feature = "wgpu")]
-        Device::Wgpu(d) => crate::wgpu::gemm::col_sum(d, x, rows, cols, out, accumulate),
+        Device::Wgpu(d) => crate::wgpu::gemm::col_sum(d, x, rows, cols, out, accumulate, skip_odd),
     }
 }
 

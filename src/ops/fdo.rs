@@ -112,7 +112,7 @@ fn covariance(table: &Tensor, n: usize, d: usize) -> Result<(Vec<f64>, Vec<f64>)
     g.check(OP, &gram, None)?;
     backend::gemm(&dev, &g, &mut gram, None)?;
     let mut sums = Tensor::zeros(&[d], DType::F32, &dev)?;
-    backend::col_sum(&dev, table, n, d, &mut sums, false)?;
+    backend::col_sum(&dev, table, n, d, &mut sums, false, false)?;
     let gram = gram.to_f64_vec()?;
     let mean: Vec<f64> = sums.to_f64_vec()?.iter().map(|s| s / n as f64).collect();
     let mut cov = vec![0.0; d * d];

@@ -772,7 +772,12 @@ impl GatedCross {
                 }
             };
             backend::gate_backward(&dev, &gbar, x0, pre, self.gated(), &mut delta, &mut dx0)?;
-            backend::col_sum(&dev, &delta, rows, p, &mut gl.b, accumulate)?;
+            // Without a gate bias the odd (b_g) slots of the packed bias are structural zeros: their
+            // gradient must stay exactly 0, or an optimizer would grow a gate bias that
+            // `unpack_grads` drops (a trainer keeping the packed form would train one model and
+            // export another).
+            let skip_odd = self.gated() && !self.gate_bias;
+            backend::col_sum(&dev, &delta, rows, p, &mut gl.b, accumulate, skip_odd)?;
             let mut next = Tensor::zeros(&[rows, d], DType::F32, &dev)?;
             match (&pl.u, z, self.r_packed()) {
                 (None, _, _) => {

@@ -244,7 +244,14 @@ impl<'a> Gemm<'a> {
 pub(crate) fn act_f32(act: Activation, z: f32) -> f32 {
     match act {
         Activation::None => z,
-        Activation::Relu => z.max(0.0),
+        // NaN stays NaN (PyTorch's rule; `f32::max` drops it).
+        Activation::Relu => {
+            if z > 0.0 || z.is_nan() {
+                z
+            } else {
+                0.0
+            }
+        }
         Activation::Gelu => 0.5 * z * (1.0 + erf_f32(z * std::f32::consts::FRAC_1_SQRT_2)),
         Activation::Sigmoid => 1.0 / (1.0 + (-z).exp()),
     }

@@ -431,7 +431,7 @@ pub fn backward_into(
     backend::gemm(&dev, &gw, &mut grads.dw, None)?;
 
     if let Some(db) = grads.db.as_mut() {
-        backend::col_sum(&dev, dz, rows, groups * out, db, accumulate)?;
+        backend::col_sum(&dev, dz, rows, groups * out, db, accumulate, false)?;
     }
     Ok(())
 }

@@ -447,6 +447,7 @@ pub(crate) fn col_sum(
     cols: usize,
     out: &mut Tensor,
     accumulate: bool,
+    skip_odd: bool,
 ) -> Result<()> {
     const OP: &str = "col_sum(wgpu)";
     let needed = rows
@@ -480,6 +481,7 @@ pub(crate) fn col_sum(
             ("DT_X", dtype_code(x.dtype())),
             ("DT_DST", dtype_code(out.dtype())),
             ("ACCUMULATE", flag(accumulate)),
+            ("SKIP_ODD", flag(skip_odd)),
         ],
         uniform: vec![
             to_u32(OP, "x", "rows", rows)?,
