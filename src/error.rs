@@ -68,6 +68,15 @@ pub enum Error {
         kernel: String,
         reason: String,
     },
+    /// An allocation of `bytes` failed (or could not even be sized): nothing was allocated, the
+    /// process keeps running.
+    #[error("{op}: argument `{arg}`: cannot allocate {bytes} bytes on {device}")]
+    OutOfMemory {
+        op: &'static str,
+        arg: &'static str,
+        bytes: u128,
+        device: String,
+    },
     /// Any other driver / runtime failure (allocation, copy, synchronisation).
     #[error("{backend}: {reason}")]
     Backend {
@@ -82,6 +91,15 @@ impl Error {
             op,
             arg,
             reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn oom(op: &'static str, arg: &'static str, bytes: u128, device: &str) -> Self {
+        Error::OutOfMemory {
+            op,
+            arg,
+            bytes,
+            device: device.to_string(),
         }
     }
 

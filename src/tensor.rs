@@ -15,6 +15,43 @@ pub(crate) enum CpuStorage {
     F16(Vec<f16>),
 }
 
+/// A host vector of `n` copies of `value`, or `Error::OutOfMemory` (never an abort or a
+/// capacity-overflow panic) when it cannot be allocated.
+pub(crate) fn try_host_vec<T: Copy>(
+    op: &'static str,
+    arg: &'static str,
+    n: usize,
+    value: T,
+) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    let bytes = n as u128 * std::mem::size_of::<T>() as u128;
+    if bytes > isize::MAX as u128 || v.try_reserve_exact(n).is_err() {
+        return Err(Error::oom(op, arg, bytes, "the host"));
+    }
+    v.resize(n, value);
+    Ok(v)
+}
+
+/// `n` zeros of a storage dtype, allocated zeroed (pages the OS zero-fills lazily, like
+/// `vec![0.0; n]`), or `Error::OutOfMemory`.
+fn try_zeroed_vec<T: Element>(op: &'static str, arg: &'static str, n: usize) -> Result<Vec<T>> {
+    let bytes = n as u128 * std::mem::size_of::<T>() as u128;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout =
+        std::alloc::Layout::array::<T>(n).map_err(|_| Error::oom(op, arg, bytes, "the host"))?;
+    // SAFETY: `layout` has non-zero size (n > 0, T is 2 or 4 bytes).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        return Err(Error::oom(op, arg, bytes, "the host"));
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with `Layout::array::<T>(n)`, which is
+    // what a Vec<T> of capacity n uses; all-zero bits are a valid f32 / bf16 / f16 (+0.0), so
+    // all n elements are initialised.
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
 impl CpuStorage {
     pub(crate) fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
         // pod_collect_to_vec copies, so the (unaligned) byte slice is never reinterpreted in place.
@@ -65,12 +102,20 @@ impl CpuStorage {
         }
     }
 
-    fn filled(dtype: DType, n: usize, v: f32) -> CpuStorage {
-        match dtype {
-            DType::F32 => CpuStorage::F32(vec![v; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::from_f32(v); n]),
-            DType::F16 => CpuStorage::F16(vec![f16::from_f32(v); n]),
-        }
+    fn try_filled(op: &'static str, dtype: DType, n: usize, v: f32) -> Result<CpuStorage> {
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(try_host_vec(op, "shape", n, v)?),
+            DType::BF16 => CpuStorage::BF16(try_host_vec(op, "shape", n, bf16::from_f32(v))?),
+            DType::F16 => CpuStorage::F16(try_host_vec(op, "shape", n, f16::from_f32(v))?),
+        })
+    }
+
+    fn try_zeros(op: &'static str, dtype: DType, n: usize) -> Result<CpuStorage> {
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(try_zeroed_vec(op, "shape", n)?),
+            DType::BF16 => CpuStorage::BF16(try_zeroed_vec(op, "shape", n)?),
+            DType::F16 => CpuStorage::F16(try_zeroed_vec(op, "shape", n)?),
+        })
     }
 }
 
@@ -161,25 +206,62 @@ impl Tensor {
         Ok(Tensor::from_parts(shape.to_vec(), dtype, storage))
     }
 
-    /// A tensor whose every element is `value` (rounded to `dtype`).
+    /// A tensor whose every element is `value` (rounded to `dtype`). On a GPU it is allocated
+    /// and filled there (no host buffer, no copy). Too large to allocate: `Error::OutOfMemory`.
+    ///
+    /// ```
+    /// use recfuse::{DType, Device, Error, Tensor};
+    /// let t = Tensor::full(&[2, 2], 0.5, DType::BF16, &Device::cpu())?;
+    /// assert_eq!(t.to_f32_vec()?, vec![0.5; 4]);
+    /// // A size that cannot exist is an error, not an abort.
+    /// let huge = Tensor::full(&[1 << 46], 1.0, DType::F32, &Device::cpu()); // 256 TiB
+    /// assert!(matches!(huge, Err(Error::OutOfMemory { .. })));
+    /// # Ok::<(), recfuse::Error>(())
+    /// ```
     pub fn full(shape: &[usize], value: f32, dtype: DType, device: &Device) -> Result<Tensor> {
-        let n = numel_of("Tensor::full", shape)?;
-        let host = CpuStorage::filled(dtype, n, value);
-        Self::from_bytes(host.as_bytes(), dtype, shape, device)
+        const OP: &str = "Tensor::full";
+        let n = numel_of(OP, shape)?;
+        if !matches!(device, Device::Cpu) {
+            let mut t = Self::zeros_op(OP, shape, dtype, device)?;
+            t.fill(value)?;
+            return Ok(t);
+        }
+        let storage = Storage::Cpu(CpuStorage::try_filled(OP, dtype, n, value)?);
+        Ok(Tensor::from_parts(shape.to_vec(), dtype, storage))
     }
 
-    /// A tensor of zeros (allocated zeroed on the device: no host buffer, no copy).
+    /// A tensor of zeros (allocated zeroed on the device: no host buffer, no copy). Too large
+    /// to allocate: `Error::OutOfMemory`.
+    ///
+    /// ```
+    /// use recfuse::{DType, Device, Error, Tensor};
+    /// let huge = Tensor::zeros(&[1 << 46], DType::F32, &Device::cpu()); // 256 TiB
+    /// assert!(matches!(huge, Err(Error::OutOfMemory { .. })));
+    /// ```
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let n = numel_of("Tensor::zeros", shape)?;
-        let bytes = n.checked_mul(dtype.size()).ok_or_else(|| {
-            Error::invalid(
-                "Tensor::zeros",
-                "shape",
-                format!("{shape:?} overflows usize bytes"),
-            )
-        })?;
+        Self::zeros_op("Tensor::zeros", shape, dtype, device)
+    }
+
+    fn zeros_op(
+        op: &'static str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let n = numel_of(op, shape)?;
+        let bytes = n
+            .checked_mul(dtype.size())
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| {
+                Error::oom(
+                    op,
+                    "shape",
+                    n as u128 * dtype.size() as u128,
+                    &device.describe(),
+                )
+            })?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuStorage::filled(dtype, n, 0.0)),
+            Device::Cpu => Storage::Cpu(CpuStorage::try_zeros(op, dtype, n)?),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => Storage::Cuda(d.alloc_zeros(bytes)?),
             #[cfg(feature = "wgpu")]

@@ -217,7 +217,15 @@ impl GatedCross {
                 Init::Gdcn => (2.0 / (rows + cols) as f32).sqrt(),
                 Init::DcnV2 => (2.0 / cols as f32).sqrt(),
             };
-            let v: Vec<f32> = (0..rows * cols).map(|_| std * normal(rng)).collect();
+            let n = rows.checked_mul(cols).ok_or_else(|| {
+                Error::invalid(
+                    "GatedCross::init",
+                    "width",
+                    format!("{rows} × {cols} overflows"),
+                )
+            })?;
+            let mut v = crate::tensor::try_host_vec("GatedCross::init", "width", n, 0f32)?;
+            v.iter_mut().for_each(|x| *x = std * normal(rng));
             Tensor::from_f32(&v, &[rows, cols], self.dtype, device)
         };
         let branch = |rng: &mut rand::rngs::StdRng| -> Result<BranchWeight> {

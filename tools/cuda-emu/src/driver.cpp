@@ -128,6 +128,9 @@ bool in_allocation(CUdeviceptr p, size_t n) {
 
 CUresult alloc(CUdeviceptr* dptr, size_t n) {
     if (!dptr || n == 0) return CUDA_ERROR_INVALID_VALUE;
+    // Like the GPU: a request beyond the device's memory fails with OUT_OF_MEMORY (never
+    // reaches the host allocator, which under ASan would abort instead of returning null).
+    if (n > kTotalMem) return CUDA_ERROR_OUT_OF_MEMORY;
     void* p = std::malloc(n);
     if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
     {
