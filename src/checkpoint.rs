@@ -412,6 +412,43 @@ impl Checkpoint {
         Ok(t)
     }
 
+    /// Every float tensor in `prefix`'s scope (as [`Self::restore`] scopes it) as a new tensor
+    /// of `dtype` on `device`, named without the prefix: ad-hoc parameters, or a look at a
+    /// file whose layout no recfuse type has. Non-float tensors are left out.
+    ///
+    /// ```
+    /// use recfuse::checkpoint::Checkpoint;
+    /// use recfuse::{DType, Device};
+    /// let mut ckpt = Checkpoint::new();
+    /// ckpt.insert_f64("enc.w", &[2], &[1.0, 2.0])?;
+    /// ckpt.insert_i64("enc.steps", &[1], &[3])?;
+    /// let ts = ckpt.tensors("enc", DType::BF16, &Device::cpu())?;
+    /// assert_eq!(ts.len(), 1);
+    /// assert_eq!(ts[0].0, "w");
+    /// assert_eq!(ts[0].1.to_f32_vec()?, vec![1.0, 2.0]);
+    /// # Ok::<(), recfuse::Error>(())
+    /// ```
+    pub fn tensors(
+        &self,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let scope = model_scope(prefix);
+        self.entries
+            .iter()
+            .filter(|(k, e)| scope(k) && convert::is_float(e.dtype))
+            .map(|(k, _)| {
+                let name = if prefix.is_empty() {
+                    k.as_str()
+                } else {
+                    &k[prefix.len() + 1..]
+                };
+                Ok((name.to_string(), self.tensor(k, dtype, device)?))
+            })
+            .collect()
+    }
+
     /// The safetensors file's bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         safetensors::serialize(

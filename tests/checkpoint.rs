@@ -810,8 +810,8 @@ fn embedding_bags_and_rowwise_adagrad_resume_bit_identically() {
                 Some(&[7][..])
             );
             // Each table as its own tensor, equal to table(t).
-            for t in 0..specs.len() {
-                let key = format!("sparse.{}", specs[t].checkpoint_key());
+            for (t, spec) in specs.iter().enumerate() {
+                let key = format!("sparse.{}", spec.checkpoint_key());
                 let saved = ckpt.tensor(&key, dtype, dev).unwrap();
                 assert_eq!(
                     saved.to_bytes().unwrap(),

@@ -13,7 +13,11 @@ use crate::ops::optim::OptimizerState;
 const DENSE_KINDS: [&str; 4] = ["exp_avg", "exp_avg_sq", "momentum_buffer", "master"];
 
 fn step_key(prefix: &str) -> String {
-    join(&format!("{OPTIM_NAMESPACE}.step"), prefix)
+    if prefix.is_empty() {
+        format!("{OPTIM_NAMESPACE}.step")
+    } else {
+        format!("{OPTIM_NAMESPACE}.step.{prefix}")
+    }
 }
 
 fn state_key(kind: &str, prefix: &str, name: &str) -> String {
