@@ -77,10 +77,15 @@ pub const OPTIM_NAMESPACE: &str = "optim";
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FileDType {
+    /// IEEE binary64 (torch.float64): reference outputs; restores with one rounding.
     F64,
+    /// IEEE binary32 (torch.float32).
     F32,
+    /// bfloat16 (torch.bfloat16).
     BF16,
+    /// IEEE binary16 (torch.float16).
     F16,
+    /// Signed 64-bit integers (torch.int64): indices, offsets, step counts.
     I64,
     /// Any other safetensors dtype, by its safetensors name (`"I32"`, `"BOOL"`, …).
     Other(String),
@@ -327,14 +332,17 @@ impl Checkpoint {
         self.entries.keys().map(String::as_str)
     }
 
+    /// Number of tensors.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True when the checkpoint holds no tensor.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// True when a tensor is stored under `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

@@ -112,6 +112,7 @@ pub enum Error {
 /// One tensor whose shape differs between a checkpoint and the parameter restored from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShapeMismatch {
+    /// The checkpoint key.
     pub name: String,
     /// The parameter's shape.
     pub expected: Vec<usize>,
