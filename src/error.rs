@@ -83,6 +83,71 @@ pub enum Error {
         backend: &'static str,
         reason: String,
     },
+    /// Reading or writing a file failed (a checkpoint's path that does not exist, a directory
+    /// that cannot be written).
+    #[error("{op}: argument `{arg}` ({path}): {source}")]
+    Io {
+        op: &'static str,
+        arg: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint's bytes are not a valid safetensors file, or hold a tensor that cannot
+    /// become a parameter (an integer dtype where a float is needed, a missing step count).
+    #[error("{op}: argument `{arg}` is not a usable checkpoint: {reason}")]
+    Malformed {
+        op: &'static str,
+        arg: &'static str,
+        reason: String,
+    },
+    /// A checkpoint's tensor names or shapes do not match the parameters restored from it.
+    /// Every difference is listed, as PyTorch's `load_state_dict` does: keys the parameters
+    /// have and the checkpoint lacks, keys the checkpoint has (in the restored scope) and the
+    /// parameters lack (both only in strict mode), and shape mismatches (always).
+    #[error(
+        "{op}: argument `{arg}` does not match the checkpoint: {}",
+        crate::error::describe_mismatch(missing, unexpected, shapes)
+    )]
+    CheckpointMismatch {
+        op: &'static str,
+        arg: &'static str,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+        shapes: Vec<ShapeMismatch>,
+    },
+}
+
+/// One tensor whose shape differs between a checkpoint and the parameter restored from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    /// The checkpoint key.
+    pub name: String,
+    /// The parameter's shape.
+    pub expected: Vec<usize>,
+    /// The checkpoint's shape.
+    pub found: Vec<usize>,
+}
+
+pub(crate) fn describe_mismatch(
+    missing: &[String],
+    unexpected: &[String],
+    shapes: &[ShapeMismatch],
+) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing keys {missing:?}"));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected keys {unexpected:?}"));
+    }
+    for s in shapes {
+        parts.push(format!(
+            "`{}` has shape {:?} in the checkpoint, {:?} in the parameters",
+            s.name, s.found, s.expected
+        ));
+    }
+    parts.join("; ")
 }
 
 impl Error {

@@ -18,6 +18,7 @@
 //! # Ok::<(), recfuse::Error>(())
 //! ```
 
+pub mod checkpoint;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -32,6 +33,7 @@ pub mod tensor;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
+pub use checkpoint::Checkpoint;
 pub use device::{prepare_headless, Device, WgpuOptions};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -390,6 +390,44 @@ impl Tensor {
         }
     }
 
+    /// Overwrites the whole storage with `bytes` (exactly `size_in_bytes`, little-endian, of
+    /// this dtype) in place: one host→device copy, no reallocation, bit-exact (no arithmetic
+    /// touches the values, so NaN payloads and subnormals survive).
+    pub(crate) fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != self.size_in_bytes() {
+            return Err(Error::invalid(
+                "Tensor::write_bytes",
+                "bytes",
+                format!(
+                    "{} bytes for a {:?} {} tensor of {} bytes",
+                    bytes.len(),
+                    self.shape,
+                    self.dtype,
+                    self.size_in_bytes()
+                ),
+            ));
+        }
+        match &mut self.storage {
+            Storage::Cpu(c) => {
+                // In place: a CPU tensor may wrap the caller's vector (interop).
+                let dst: &mut [u8] = match c {
+                    CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
+                    CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
+                    CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
+                };
+                dst.copy_from_slice(bytes);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => {
+                let d = s.device.clone();
+                d.write(s, bytes)
+            }
+            #[cfg(feature = "wgpu")]
+            Storage::Wgpu(s) => s.device.write(s, bytes),
+        }
+    }
+
     pub(crate) fn cpu(&self) -> Option<&CpuStorage> {
         match &self.storage {
             Storage::Cpu(c) => Some(c),

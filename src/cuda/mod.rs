@@ -322,6 +322,26 @@ impl CudaDevice {
         Ok(CudaStorage::owned(self.clone(), buf, nbytes))
     }
 
+    /// Copies host bytes over the start of an existing allocation (ordered on the stream, so
+    /// after every launch queued before): a checkpoint restore writes a parameter in place.
+    pub(crate) fn write(&self, s: &mut CudaStorage, bytes: &[u8]) -> Result<()> {
+        crate::device::count_host_transfer();
+        if bytes.len() > s.len {
+            return Err(Error::invalid(
+                "Tensor::write_bytes",
+                "bytes",
+                format!("{} bytes into a {}-byte allocation", bytes.len(), s.len),
+            ));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut dst = s.buf.slice_mut(0..bytes.len());
+        self.stream
+            .memcpy_htod(bytes, &mut dst)
+            .map_err(|e| backend_err(&format!("copying {} bytes to the device", bytes.len()), e))
+    }
+
     /// Copies the first `nbytes` of `s` to the host, after all work queued before it.
     pub(crate) fn download(&self, s: &CudaStorage, nbytes: usize) -> Result<Vec<u8>> {
         crate::device::count_host_transfer();

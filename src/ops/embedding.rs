@@ -62,6 +62,17 @@ pub struct TableSpec {
 }
 
 impl TableSpec {
+    /// The table's checkpoint key, `embedding_bags.{name}.weight`: TorchRec's
+    /// `EmbeddingBagCollection` state-dict name (one `[rows, dim]` tensor per table).
+    ///
+    /// ```
+    /// use recfuse::ops::embedding::TableSpec;
+    /// assert_eq!(TableSpec::new("user", 10, 4).checkpoint_key(), "embedding_bags.user.weight");
+    /// ```
+    pub fn checkpoint_key(&self) -> String {
+        format!("embedding_bags.{}.weight", self.name)
+    }
+
     pub fn new(name: impl Into<String>, rows: usize, dim: usize) -> TableSpec {
         TableSpec {
             name: name.into(),
@@ -456,6 +467,11 @@ impl EmbeddingBags {
     /// Σ rows_t: the length of the row-wise Adagrad state.
     pub fn total_rows(&self) -> usize {
         self.total_rows
+    }
+
+    /// Where every table lives in the flat buffer (for checkpoints, which move whole tables).
+    pub(crate) fn layout(&self) -> &[TableLayout] {
+        &self.layout
     }
 
     /// Column range of table t in the pooled output.

@@ -687,6 +687,117 @@ impl<P: Parameters> Sgd<P> {
     }
 }
 
+/// What a checkpoint needs of an optimizer to resume it bit-identically: every state tensor
+/// and the step count ([`crate::checkpoint::Checkpoint::add_optimizer`] stores them as
+/// `optim.{kind}.{parameter}` and `optim.step`). Hyperparameters are the caller's config and
+/// are not part of the state.
+///
+/// ```
+/// use recfuse::ops::optim::{Adam, AdamConfig, OptimizerState};
+/// use recfuse::{Device, Tensor};
+/// let dev = Device::cpu();
+/// let p = vec![("w".to_string(), Tensor::from_slice(&[1.0f32, 2.0], &[2], &dev)?)];
+/// let mut opt = Adam::new(&p, AdamConfig::adam(0.1), true)?;
+/// let kinds: Vec<(&str, String)> = opt.state_tensors().into_iter().map(|(k, n, _)| (k, n)).collect();
+/// assert_eq!(kinds, [("exp_avg", "w".to_string()), ("exp_avg_sq", "w".into()), ("master", "w".into())]);
+/// opt.set_steps(41); // as a restored checkpoint does: the next step is step 42
+/// assert_eq!(opt.steps(), 41);
+/// # Ok::<(), recfuse::Error>(())
+/// ```
+pub trait OptimizerState {
+    /// Every state tensor as (kind, parameter name, tensor), in a fixed order. Kinds are
+    /// PyTorch's state names (`exp_avg`, `exp_avg_sq`, `momentum_buffer`) and `master` (the
+    /// f32 master copy of a 16-bit parameter).
+    fn state_tensors(&self) -> Vec<(&'static str, String, &Tensor)>;
+
+    /// The same tensors, mutably, in the same order.
+    fn state_tensors_mut(&mut self) -> Vec<(&'static str, String, &mut Tensor)>;
+
+    /// Steps taken so far (the next update is step `steps() + 1`).
+    fn steps(&self) -> u64;
+
+    /// Sets the step count (a restore; bias corrections and SGD's first-step rule follow it).
+    fn set_steps(&mut self, steps: u64);
+}
+
+fn state_of<'a, P: Parameters>(
+    kind: &'static str,
+    p: &'a P,
+) -> impl Iterator<Item = (&'static str, String, &'a Tensor)> {
+    p.named_tensors()
+        .into_iter()
+        .map(move |(n, t)| (kind, n, t))
+}
+
+fn state_of_mut<'a, P: Parameters>(
+    kind: &'static str,
+    p: &'a mut P,
+) -> impl Iterator<Item = (&'static str, String, &'a mut Tensor)> {
+    p.named_tensors_mut()
+        .into_iter()
+        .map(move |(n, t)| (kind, n, t))
+}
+
+/// State kinds `exp_avg`, `exp_avg_sq` and, with f32 masters, `master`.
+impl<P: Parameters> OptimizerState for Adam<P> {
+    fn state_tensors(&self) -> Vec<(&'static str, String, &Tensor)> {
+        state_of("exp_avg", &self.exp_avg)
+            .chain(state_of("exp_avg_sq", &self.exp_avg_sq))
+            .chain(self.master.iter().flat_map(|m| state_of("master", m)))
+            .collect()
+    }
+
+    fn state_tensors_mut(&mut self) -> Vec<(&'static str, String, &mut Tensor)> {
+        state_of_mut("exp_avg", &mut self.exp_avg)
+            .chain(state_of_mut("exp_avg_sq", &mut self.exp_avg_sq))
+            .chain(
+                self.master
+                    .iter_mut()
+                    .flat_map(|m| state_of_mut("master", m)),
+            )
+            .collect()
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn set_steps(&mut self, steps: u64) {
+        self.step = steps;
+    }
+}
+
+/// State kinds `momentum_buffer` (with momentum) and, with f32 masters, `master`.
+impl<P: Parameters> OptimizerState for Sgd<P> {
+    fn state_tensors(&self) -> Vec<(&'static str, String, &Tensor)> {
+        self.momentum
+            .iter()
+            .flat_map(|m| state_of("momentum_buffer", m))
+            .chain(self.master.iter().flat_map(|m| state_of("master", m)))
+            .collect()
+    }
+
+    fn state_tensors_mut(&mut self) -> Vec<(&'static str, String, &mut Tensor)> {
+        self.momentum
+            .iter_mut()
+            .flat_map(|m| state_of_mut("momentum_buffer", m))
+            .chain(
+                self.master
+                    .iter_mut()
+                    .flat_map(|m| state_of_mut("master", m)),
+            )
+            .collect()
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn set_steps(&mut self, steps: u64) {
+        self.step = steps;
+    }
+}
+
 fn master_of<P: Parameters>(params: &P, f32_master: bool) -> Result<Option<P>> {
     if f32_master {
         Ok(Some(params.try_map(&mut |_, t| t.to_dtype(DType::F32))?))

@@ -374,6 +374,37 @@ impl WgpuDevice {
         })
     }
 
+    /// Writes host bytes over the start of an existing buffer (`queue.write_buffer`: ordered
+    /// after all work submitted before and before any submitted after). A partial last word is
+    /// zero-padded: the buffer's pad bytes past the tensor are never read.
+    pub(crate) fn write(&self, s: &WgpuStorage, bytes: &[u8]) -> Result<()> {
+        crate::device::count_host_transfer();
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let size = padded(bytes.len());
+        if size > s.buffer.size() {
+            return Err(Error::Backend {
+                backend: BACKEND,
+                reason: format!(
+                    "write of {} bytes into a {}-byte buffer",
+                    bytes.len(),
+                    s.buffer.size()
+                ),
+            });
+        }
+        let mut words = bytes.to_vec();
+        words.resize(size as usize, 0);
+        let (_, err) = self.scoped(|| self.queue.write_buffer(&s.buffer, 0, &words));
+        match err {
+            Some(e) => Err(Error::Backend {
+                backend: BACKEND,
+                reason: format!("writing {} bytes to a tensor: {e}", bytes.len()),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Copies the first `nbytes` of `s` to the host through a MAP_READ staging buffer (waits for
     /// all work queued before).
     pub(crate) fn download(&self, s: &WgpuStorage, nbytes: usize) -> Result<Vec<u8>> {
