@@ -127,6 +127,8 @@ pub struct PackedCross {
 /// What forward keeps for backward.
 #[derive(Debug)]
 pub struct CrossSaved {
+    /// The configuration whose forward made this: backward checks it is its own.
+    made_by: GatedCross,
     policy: SavePolicy,
     /// C_0 … C_{L−1}.
     c: Vec<Tensor>,
@@ -137,7 +139,7 @@ pub struct CrossSaved {
 }
 
 /// A stack of cross layers: the configuration. Cheap to clone; holds no tensors.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatedCross {
     /// Width D (any value: FDO widths like 189 or 307 are fine).
     pub width: usize,
@@ -638,6 +640,7 @@ impl GatedCross {
         self.check_params_on(OP, &dev, params)?;
         let rows = x0.shape()[0];
         let mut saved = CrossSaved {
+            made_by: self.clone(),
             policy,
             c: vec![x0.try_clone()?],
             pre: Vec::new(),
@@ -725,6 +728,16 @@ impl GatedCross {
         let rows = x0.shape()[0];
         self.check_params_on(OP_BWD, &dev, params)?;
         self.check_packed(OP_BWD, grads)?;
+        if saved.made_by != *self {
+            return Err(Error::invalid(
+                OP_BWD,
+                "saved",
+                format!(
+                    "comes from the forward of another configuration ({:?}), not of {self:?}",
+                    saved.made_by
+                ),
+            ));
+        }
         if saved.c.len() != self.layers
             || (saved.policy == SavePolicy::SaveAll && saved.pre.len() != self.layers)
         {

@@ -187,6 +187,20 @@ impl InBatchSoftmax {
                 format!("{} is not a positive finite number", self.kappa),
             ));
         }
+        if self.learn_kappa && !(self.kappa_max.is_finite() && self.kappa_max > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                "kappa_max",
+                format!("{} is not a positive finite number", self.kappa_max),
+            ));
+        }
+        if self.l2_normalize && !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                "eps",
+                format!("{} is not a positive finite number", self.eps),
+            ));
+        }
         let qs = rows.queries.shape();
         let cs = cols.emb.shape();
         if qs.len() != 2 {
@@ -319,7 +333,7 @@ impl InBatchSoftmax {
             Reduction::Sum => 1.0,
             Reduction::Mean => z.unwrap_or(weight_sum),
         };
-        if (z <= 0.0 || z.is_nan()) && weight_sum > 0.0 {
+        if !(z.is_finite() && z > 0.0) && weight_sum > 0.0 {
             return Err(Error::invalid(
                 OP,
                 "z",
@@ -336,7 +350,15 @@ impl InBatchSoftmax {
             p_target[i] = logp.exp() as f32;
             let l = match rows.kind[i] {
                 RowKind::Pos => -logp,
-                RowKind::Ntr => -log1mexp(logp).max(1e-30f64.ln()),
+                RowKind::Ntr => {
+                    // Clamped away from log 0, but NaN stays NaN (`max` would drop it).
+                    let l1m = log1mexp(logp);
+                    -(if l1m.is_nan() {
+                        l1m
+                    } else {
+                        l1m.max(1e-30f64.ln())
+                    })
+                }
             };
             loss += rows.weight[i] as f64 * l / z;
         }
@@ -368,7 +390,14 @@ impl InBatchSoftmax {
                     RowKind::Ntr => {
                         // p/(1 − p) = exp(s_t − LSE_excl), LSE_excl = LSE + log1mexp(s_t − LSE).
                         let logp = (fwd.s_target[i] - fwd.lse[i]) as f64;
-                        let lse_excl = fwd.lse[i] as f64 + log1mexp(logp).max(1e-30f64.ln());
+                        // Clamped away from log 0, but NaN stays NaN (`max` would drop it).
+                        let l1m = log1mexp(logp);
+                        let l1m = if l1m.is_nan() {
+                            l1m
+                        } else {
+                            l1m.max(1e-30f64.ln())
+                        };
+                        let lse_excl = fwd.lse[i] as f64 + l1m;
                         (-w * (fwd.s_target[i] as f64 - lse_excl).exp()) as f32
                     }
                 }
@@ -399,17 +428,14 @@ impl InBatchSoftmax {
     ) -> Result<(Tensor, f32)> {
         let dims = self.validate(rows, cols)?;
         let (b, _, d) = dims;
-        if fwd.lse.len() != b {
-            return Err(Error::shape(
-                OP,
-                "fwd",
-                format!("statistics of {b} rows"),
-                &[fwd.lse.len()],
-            ));
+        check_fwd(b, fwd, rows.weight)?;
+        let dev = rows.queries.device();
+        if d == 0 {
+            // Every logit is κ·0 (+ log q): nothing depends on κ or on an embedding.
+            return Ok((Tensor::zeros(&[b, 0], rows.queries.dtype(), &dev)?, 0.0));
         }
         let target = self.targets(rows, cols);
         let a = self.row_coeffs(rows, fwd, &target);
-        let dev = rows.queries.device();
         let mut dq = Tensor::zeros(&[b, d], DType::F32, &dev)?;
         let dk = backend::softmax_grad_queries(
             &dev,
@@ -453,6 +479,9 @@ impl InBatchSoftmax {
         let target = self.targets(rows, cols);
         let dev = rows.queries.device();
         let mut dc = Tensor::zeros(&[range.len(), d], DType::F32, &dev)?;
+        if d == 0 || range.is_empty() {
+            return Ok(dc);
+        }
         backend::softmax_grad_columns(
             &dev,
             &self.args(rows, cols, &target, dims),
@@ -471,9 +500,39 @@ impl InBatchSoftmax {
         cols: &Columns<'_>,
         fwd: &SoftmaxForward,
     ) -> Result<Vec<f32>> {
-        self.validate(rows, cols)?;
+        let (b, _, _) = self.validate(rows, cols)?;
+        check_fwd(b, fwd, rows.weight)?;
         Ok(self.row_coeffs(rows, fwd, &self.targets(rows, cols)))
     }
+}
+
+/// `fwd` must be a forward of `b` rows with a usable normaliser (it is a public struct, so a
+/// caller can hand backward one from another call or build one).
+fn check_fwd(b: usize, fwd: &SoftmaxForward, weight: &[f32]) -> Result<()> {
+    for (arg, len) in [
+        ("fwd.lse", fwd.lse.len()),
+        ("fwd.s_target", fwd.s_target.len()),
+        ("fwd.p_target", fwd.p_target.len()),
+    ] {
+        if len != b {
+            return Err(Error::shape(
+                OP,
+                arg,
+                format!("[{b}] (one per row)"),
+                &[len],
+            ));
+        }
+    }
+    // z = 0 is what a forward of all-zero weights returns; it is never divided by then.
+    let unused = fwd.z == 0.0 && weight.iter().all(|&w| w == 0.0);
+    if !(unused || fwd.z.is_finite() && fwd.z > 0.0) {
+        return Err(Error::invalid(
+            OP,
+            "fwd.z",
+            format!("{} is not a positive finite normaliser", fwd.z),
+        ));
+    }
+    Ok(())
 }
 
 /// log(1 − eˣ) for x ≤ 0, stable at both ends (Mächler's rule).

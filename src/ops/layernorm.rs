@@ -99,6 +99,13 @@ impl LayerNorm {
         beta: &Tensor,
     ) -> Result<LayerNormForward> {
         let (d, tokens) = tokens_of(OP, x, gamma, beta)?;
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                "eps",
+                format!("{} (must be finite and > 0)", self.eps),
+            ));
+        }
         if let Some(r) = residual {
             same_device(OP, "residual", &x.device(), r)?;
             if r.shape() != x.shape() {
@@ -155,8 +162,25 @@ impl LayerNorm {
                 dy.shape(),
             ));
         }
-        let dev = dy.device();
-        same_device("layernorm_backward", "dy", &dev, dy)?;
+        const BWD: &str = "layernorm_backward";
+        let dev = fwd.input.device();
+        same_device(BWD, "dy", &dev, dy)?;
+        // The statistics must be this forward's: one f32 per normalised row, on its device.
+        let rows = fwd.input.numel() / fwd.input.shape().last().copied().unwrap_or(1).max(1);
+        for (arg, t) in [("fwd.mean", &fwd.mean), ("fwd.rstd", &fwd.rstd)] {
+            same_device(BWD, arg, &dev, t)?;
+            if t.shape() != [rows] {
+                return Err(Error::shape(BWD, arg, format!("[{rows}]"), t.shape()));
+            }
+            if t.dtype() != DType::F32 {
+                return Err(Error::DType {
+                    op: BWD,
+                    arg,
+                    expected: DType::F32.to_string(),
+                    actual: t.dtype(),
+                });
+            }
+        }
         let mut g = LayerNormGrads {
             dx: Tensor::zeros(dy.shape(), dy.dtype(), &dev)?,
             dgamma: Tensor::zeros(gamma.shape(), gamma.dtype(), &dev)?,
