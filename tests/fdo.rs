@@ -141,3 +141,66 @@ fn bad_input() {
     let p = fdo::analyse(&t, 0.8).unwrap();
     assert!(p.explained.iter().all(|e| e.is_finite()));
 }
+
+/// A table with a large mean and a small spread (mean 10, sd 0.01, n = 20000): every backend
+/// must agree with an f64 two-pass covariance (the GPUs used to form EᵀE − nμμᵀ in f32, which
+/// put the top eigenvalue 24% off and the smallest at exactly 0). And `project` with `k`
+/// changed by `k_for` uses that many directions (it used to index past `directions`).
+#[test]
+fn large_mean_small_spread_and_changed_k() {
+    let (n, d) = (20_000usize, 6usize);
+    let mut r = rng("fdo-offset");
+    let sds = [0.02, 0.015, 0.012, 0.01, 0.008, 0.005];
+    let v: Vec<f32> = (0..n * d)
+        .map(|i| {
+            let u: f64 = r.random_range(-1.0..1.0);
+            (10.0 + sds[i % d] * 3f64.sqrt() * u) as f32
+        })
+        .collect();
+    // f64 reference: two-pass covariance of the f32 values, then its eigenvalues' sum and the
+    // diagonal (the variances along the coordinate axes, which the columns' independence makes
+    // the eigenvalues up to sampling noise in the off-diagonal).
+    let x: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    let mean: Vec<f64> = (0..d)
+        .map(|j| (0..n).map(|i| x[i * d + j]).sum::<f64>() / n as f64)
+        .collect();
+    let var: Vec<f64> = (0..d)
+        .map(|j| {
+            (0..n)
+                .map(|i| (x[i * d + j] - mean[j]).powi(2))
+                .sum::<f64>()
+                / (n - 1) as f64
+        })
+        .collect();
+    let trace: f64 = var.iter().sum();
+    for be in backends() {
+        let t = Tensor::from_f32(&v, &[n, d], DType::F32, &be.device).unwrap();
+        let pca = fdo::analyse(&t, 0.5).unwrap();
+        let got: f64 = pca.eigenvalues.iter().sum();
+        assert!(
+            (got - trace).abs() <= 1e-4 * trace,
+            "{}: Σλ = {got:e}, trace {trace:e}",
+            be.name
+        );
+        let smallest = *pca.eigenvalues.last().unwrap();
+        let want_small = var.iter().cloned().fold(f64::INFINITY, f64::min);
+        assert!(
+            (smallest - want_small).abs() <= 0.05 * want_small,
+            "{}: smallest λ {smallest:e} vs ≈ {want_small:e}",
+            be.name
+        );
+        for (j, m) in mean.iter().enumerate() {
+            assert!((pca.mean[j] - m).abs() <= 1e-5 * m, "{}: mean {j}", be.name);
+        }
+        let mut p = pca.clone();
+        p.k = pca.k_for(1.0);
+        assert_eq!(p.k, d);
+        let out = fdo::project(&t, &p).unwrap();
+        assert_eq!(out.shape(), &[n, d]);
+        p.k = d + 1;
+        assert!(matches!(
+            fdo::project(&t, &p),
+            Err(Error::InvalidArgument { arg: "pca.k", .. })
+        ));
+    }
+}

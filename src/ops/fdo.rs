@@ -98,29 +98,30 @@ fn covariance(table: &Tensor, n: usize, d: usize) -> Result<(Vec<f64>, Vec<f64>)
         }
         return Ok((cov, mean));
     }
-    // On a GPU: EᵀE (f32 accumulate over the rows) and column sums there, correction here.
+    // On a GPU, two passes: the column means, then (E − 1μᵀ)ᵀ(E − 1μᵀ) in f32 on the centred
+    // table. (EᵀE − nμμᵀ would cancel catastrophically: with mean 10 and sd 0.01 the top
+    // eigenvalue came out 24% off and the smallest exactly 0.)
+    let mut sums = Tensor::zeros(&[d], DType::F32, &dev)?;
+    backend::col_sum(&dev, table, n, d, &mut sums, false, false)?;
+    let mut mu = sums.try_clone()?;
+    mu.scale(1.0 / n as f32)?;
+    let mut centred = table.to_dtype(DType::F32)?;
+    centred.axpy(-1.0, &crate::ops::glue::sum_backward(&mu, 0, n)?)?;
     let mut gram = Tensor::zeros(&[d, d], DType::F32, &dev)?;
     let g = Gemm::plain(
         d,
         d,
         n,
-        table,
+        &centred,
         MatView::new(0, 1, d, 0),
-        table,
+        &centred,
         MatView::new(0, d, 1, 0),
     );
     g.check(OP, &gram, None)?;
     backend::gemm(&dev, &g, &mut gram, None)?;
-    let mut sums = Tensor::zeros(&[d], DType::F32, &dev)?;
-    backend::col_sum(&dev, table, n, d, &mut sums, false, false)?;
     let gram = gram.to_f64_vec()?;
-    let mean: Vec<f64> = sums.to_f64_vec()?.iter().map(|s| s / n as f64).collect();
-    let mut cov = vec![0.0; d * d];
-    for i in 0..d {
-        for j in 0..d {
-            cov[i * d + j] = (gram[i * d + j] - n as f64 * mean[i] * mean[j]) / (n - 1) as f64;
-        }
-    }
+    let mean: Vec<f64> = mu.to_f64_vec()?;
+    let cov = gram.iter().map(|g| g / (n - 1) as f64).collect();
     Ok((cov, mean))
 }
 
@@ -210,15 +211,29 @@ pub fn project(table: &Tensor, pca: &FieldPca) -> Result<Tensor> {
         return Err(Error::shape(P_OP, "table", format!("[n_f, {d}]"), s));
     }
     let (n, k) = (s[0], pca.k);
+    // `k` may have been changed (e.g. to `k_for` another ratio): take the first k of all d
+    // directions, which every FieldPca keeps.
+    if k == 0 || k > d {
+        return Err(Error::invalid(
+            P_OP,
+            "pca.k",
+            format!("{k} is not in 1..={d} (the table width)"),
+        ));
+    }
+    if pca.all_directions.len() != d * d {
+        return Err(Error::shape(
+            P_OP,
+            "pca.all_directions",
+            format!("[{d} × {d}]"),
+            &[pca.all_directions.len()],
+        ));
+    }
+    let dirs_k = &pca.all_directions[..k * d];
     let dev = table.device();
     // Fold the centring into a bias: (E − μ)·Dᵀ = E·Dᵀ − μ·Dᵀ.
-    let dirs: Vec<f32> = pca.directions.iter().map(|&v| v as f32).collect();
+    let dirs: Vec<f32> = dirs_k.iter().map(|&v| v as f32).collect();
     let shift: Vec<f32> = (0..k)
-        .map(|r| {
-            -(0..d)
-                .map(|j| pca.mean[j] * pca.directions[r * d + j])
-                .sum::<f64>() as f32
-        })
+        .map(|r| -(0..d).map(|j| pca.mean[j] * dirs_k[r * d + j]).sum::<f64>() as f32)
         .collect();
     let w = Tensor::from_f32(&dirs, &[k, d], table.dtype(), &dev)?;
     let b = Tensor::from_f32(&shift, &[k], table.dtype(), &dev)?;
