@@ -501,8 +501,17 @@ impl Model {
     }
 }
 
-/// Trains `model` for `steps` steps of `batch` samples drawn from `train`; returns the mean
-/// loss of the first and the last logging window.
+/// What a training run reports.
+struct Trained {
+    /// Mean loss of the first and the last logging window.
+    first: f32,
+    last: f32,
+    /// Host↔device copies over the run beyond the two input uploads per step and the one
+    /// loss read per log line (always 0 on the CPU, which has no transfers to count).
+    extra_transfers: u64,
+}
+
+/// Trains `model` for `steps` steps on fresh batches of `batch` samples from `planted`.
 fn train(
     name: &str,
     model: &mut Model,
@@ -510,8 +519,12 @@ fn train(
     steps: usize,
     batch: usize,
     rng: &mut StdRng,
-) -> Result<(f32, f32)> {
+) -> Result<Trained> {
     let dev = model.bags.device();
+    // The per-thread transfer counter (`Device::host_transfer_count`) proves the step stays
+    // on the device: only the batch goes up, only the logged loss comes down.
+    let transfers0 = dev.host_transfer_count();
+    let mut expected = 0u64;
     let mut loss_sum = Tensor::zeros(&[], DType::F32, &dev)?;
     let (mut first, mut last) = (f32::NAN, f32::NAN);
     let t0 = Instant::now();
@@ -528,11 +541,13 @@ fn train(
         let frac = (step - 1) as f32 / steps as f32;
         model.adam.cfg.lr = model.lr * (1.0 - 0.9 * frac);
         model.step(&b, &labels, &mut loss_sum)?;
+        expected += 2;
         window += 1;
         if step % every == 0 || step == steps {
             // The one read of a training step, every `every` steps: the window's mean loss.
             let mean = loss_sum.to_vec::<f32>()?[0] / window as f32;
             loss_sum.fill(0.0)?;
+            expected += 1;
             window = 0;
             if first.is_nan() {
                 first = mean;
@@ -542,7 +557,17 @@ fn train(
             println!("{name:<10} step {step:>5}/{steps}  {sps:>7.1} steps/s  loss {mean:.4}");
         }
     }
-    Ok((first, last))
+    let transfers = dev.host_transfer_count() - transfers0;
+    let extra_transfers = if dev == Device::Cpu {
+        0
+    } else {
+        transfers.saturating_sub(expected) + expected.saturating_sub(transfers)
+    };
+    Ok(Trained {
+        first,
+        last,
+        extra_transfers,
+    })
 }
 
 struct Args {
@@ -647,7 +672,7 @@ fn run(args: &Args) -> Result<bool> {
     let mut warm_bags = EmbeddingBags::new(&specs, Pooling::Sum, DType::F32, 1, &dev)?;
     warm_bags.weights_mut().scale(0.1)?;
     let mut warm = Model::new(warm_bags, true, false, DENSE_LR, 2)?;
-    train(
+    let w = train(
         "fdo-warmup",
         &mut warm,
         &planted,
@@ -675,9 +700,9 @@ fn run(args: &Args) -> Result<bool> {
     // 3. The real models from the FDO bags.
     let label = if args.hiformer { "gdcn+hifo" } else { "gdcn" };
     let mut gdcn = Model::new(fdo_bags()?, true, args.hiformer, DENSE_LR, 3)?;
-    let (g_first, g_last) = train(label, &mut gdcn, &planted, steps, batch, &mut rng)?;
+    let g = train(label, &mut gdcn, &planted, steps, batch, &mut rng)?;
     let mut base = Model::new(fdo_bags()?, false, false, DENSE_LR, 4)?;
-    let (b_first, b_last) = train("baseline", &mut base, &planted, steps, batch, &mut rng)?;
+    let b = train("baseline", &mut base, &planted, steps, batch, &mut rng)?;
     let train_s = t_start.elapsed().as_secs_f64();
 
     // 4. Test AUC against the oracle on the same labels.
@@ -702,12 +727,24 @@ fn run(args: &Args) -> Result<bool> {
         println!("{name:<34} | {a:>8.4} | {:>+10.4}", a - o_auc);
     }
     println!(
-        "{} on {}: {steps} steps × batch {batch} per model ({warm_steps} warm-up), {train_s:.1} s",
+        "{} on {}: {steps} steps × batch {batch} per model ({warm_steps} warm-up); training \
+         {train_s:.1} s, total {:.1} s",
         if args.smoke { "smoke run" } else { "full run" },
-        dev.describe()
+        dev.describe(),
+        t_start.elapsed().as_secs_f64()
     );
-
-    let finite = [g_first, g_last, b_first, b_last]
+    let extra = w.extra_transfers + g.extra_transfers + b.extra_transfers;
+    if dev != Device::Cpu {
+        println!(
+            "host transfers in training beyond the batch uploads and the logged losses: {extra}"
+        );
+    }
+    if extra != 0 {
+        println!("FAILED: a training step copied data between the host and the device");
+        return Ok(false);
+    }
+    let (g_first, g_last, b_first, b_last) = (g.first, g.last, b.first, b.last);
+    let finite = [w.last, g_first, g_last, b_first, b_last]
         .iter()
         .all(|v| v.is_finite())
         && g_logits.iter().chain(&b_logits).all(|v| v.is_finite());

@@ -320,3 +320,71 @@ fn ctr_step_stays_on_device_and_matches_cpu() {
     }
     eprintln!("[recfuse tests] train_step ran on: {}", ran.join(", "));
 }
+
+/// The Hiformer layer (`train_ctr --hiformer`) trains on the device too: forward and backward
+/// make no host transfer on a GPU backend, and match the CPU backend.
+#[test]
+fn hiformer_step_stays_on_device() {
+    use recfuse::ops::hiformer::{HiformerLayer, LayerConfig};
+    let mut r = rng("train_step hiformer");
+    let (b, l, d) = (5, 4, 8);
+    let layer = HiformerLayer {
+        cfg: LayerConfig::new(l, d, 2, 4, 4, 16),
+        rank_qk: 8,
+        rank_v: 8,
+    };
+    let seed = r.random::<u32>() as u64;
+    let x: Vec<f32> = (0..b * l * d).map(|_| r.random_range(-1.0..1.0)).collect();
+    let dz: Vec<f32> = (0..b * l * d).map(|_| r.random_range(-1.0..1.0)).collect();
+    let run = |dev: &Device| {
+        let p = layer.init(seed, dev).unwrap();
+        let xt = Tensor::from_slice(&x, &[b, l, d], dev).unwrap();
+        let dzt = Tensor::from_slice(&dz, &[b, l, d], dev).unwrap();
+        let t0 = dev.host_transfer_count();
+        let (z, saved) = layer.forward(&xt, &p, None).unwrap();
+        let (dx, g) = layer.backward(&p, &saved, &dzt).unwrap();
+        let moved = dev.host_transfer_count() - t0;
+        (
+            moved,
+            z.to_f64_vec().unwrap(),
+            dx.to_f64_vec().unwrap(),
+            g.w1.to_f64_vec().unwrap(),
+        )
+    };
+    let want = run(&Device::cpu());
+    let mut ran = Vec::new();
+    for be in backends() {
+        let got = run(&be.device);
+        assert_eq!(
+            got.0, 0,
+            "{}: the Hiformer step made host transfers",
+            be.name
+        );
+        assert_close_scaled(
+            &format!("{} hiformer z", be.name),
+            &got.1,
+            &want.1,
+            1e-4,
+            0.0,
+        );
+        assert_close_scaled(
+            &format!("{} hiformer dx", be.name),
+            &got.2,
+            &want.2,
+            1e-4,
+            0.0,
+        );
+        assert_close_scaled(
+            &format!("{} hiformer dw1", be.name),
+            &got.3,
+            &want.3,
+            1e-4,
+            0.0,
+        );
+        ran.push(be.name);
+    }
+    eprintln!(
+        "[recfuse tests] train_step hiformer ran on: {}",
+        ran.join(", ")
+    );
+}
