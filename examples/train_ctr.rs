@@ -789,7 +789,12 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("train_ctr: {e}");
+            eprintln!("error: {e}");
+            if args.backend == "wgpu" && !args.software {
+                eprintln!(
+                    "(pass --software to let wgpu use a software adapter such as Mesa lavapipe)"
+                );
+            }
             ExitCode::FAILURE
         }
     }
