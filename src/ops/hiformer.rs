@@ -634,7 +634,10 @@ impl Body<'_> {
         }
         let (h, dk, dv, dt) = (c.heads, c.dk, c.dv, c.dtype);
         let q0 = l - lq;
-        let ones = Tensor::full(&[b], 1.0, dt, &dev)?;
+        // The ones vector of the bias-gradient GEMMs, filled on the device (`Tensor::full` would
+        // upload it: a host copy in every training step).
+        let mut ones = Tensor::zeros(&[b], dt, &dev)?;
+        ones.fill(1.0)?;
         let zeros_like = |t: &Tensor| Tensor::zeros(t.shape(), t.dtype(), &dev);
         let ln = LayerNorm { eps: c.eps };
         // LN2: d2 is the gradient of both y (residual) and f.
