@@ -149,7 +149,15 @@ impl Device {
     /// Picks the best device and explains the choice. `RECFUSE_DEVICE` overrides it (an
     /// override that cannot be honoured is an error, not a fallback).
     pub fn auto() -> Result<(Device, String)> {
-        if let Ok(name) = std::env::var("RECFUSE_DEVICE") {
+        let var = std::env::var("RECFUSE_DEVICE");
+        if let Err(std::env::VarError::NotUnicode(raw)) = &var {
+            return Err(Error::invalid(
+                "Device::auto",
+                "RECFUSE_DEVICE",
+                format!("{raw:?} is not valid UTF-8 (expected cpu, cuda[:N], wgpu or wgpu-sw)"),
+            ));
+        }
+        if let Ok(name) = var {
             let d = Device::from_name(&name)?;
             let why = format!("RECFUSE_DEVICE={name} chose {}", d.describe());
             return Ok((d, why));

@@ -47,6 +47,9 @@ pub struct CudaDevice {
     modules: ModuleCache,
     /// `RECFUSE_SYNC_CHECK=1`: synchronise after every launch.
     pub(crate) sync_check: bool,
+    /// Opened with `Device::cuda_on_stream` (said in `describe`, so a `DeviceMismatch` between it
+    /// and `Device::cuda` on the same GPU names two different things).
+    callers_stream: bool,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -194,7 +197,7 @@ impl CudaDevice {
         let stream = ctx
             .new_stream()
             .map_err(|e| unavailable(format!("creating a stream on cuda:{ordinal}: {e}")))?;
-        Self::with_stream(ordinal, ctx, stream)
+        Self::with_stream(ordinal, ctx, stream, false)
     }
 
     /// A device that orders all of recfuse's work on the caller's `stream` (and its context).
@@ -206,13 +209,14 @@ impl CudaDevice {
         let ctx = stream.context().clone();
         ctx.bind_to_thread()
             .map_err(|e| unavailable(format!("binding the stream's context: {e}")))?;
-        Self::with_stream(ctx.ordinal(), ctx, stream)
+        Self::with_stream(ctx.ordinal(), ctx, stream, true)
     }
 
     fn with_stream(
         ordinal: usize,
         ctx: Arc<CudaContext>,
         stream: Arc<CudaStream>,
+        callers_stream: bool,
     ) -> Result<Arc<Self>> {
         let q = |what: &str, e: DriverError| {
             unavailable(format!("querying cuda:{ordinal} {what}: {e}"))
@@ -238,13 +242,19 @@ impl CudaDevice {
             limits,
             modules: ModuleCache::default(),
             sync_check,
+            callers_stream,
         }))
     }
 
     /// `cuda:0 NVIDIA H200 (sm_90, 140 GiB)`.
     pub fn describe(&self) -> String {
+        let on = if self.callers_stream {
+            format!(" on the caller's stream {:?}", self.stream.cu_stream())
+        } else {
+            String::new()
+        };
         format!(
-            "cuda:{} {} ({}, {:.0} GiB)",
+            "cuda:{} {} ({}, {:.0} GiB){on}",
             self.ordinal,
             self.name,
             self.arch,

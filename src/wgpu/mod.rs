@@ -45,7 +45,12 @@ pub struct WgpuDevice {
     dummy_ro: wgpu::Buffer,
     dummy_rw: wgpu::Buffer,
     uncaptured: Arc<Mutex<Vec<String>>>,
+    /// Which device this is among those the process opened (1, 2, …): two devices on one
+    /// adapter must not describe themselves identically in a `DeviceMismatch`.
+    instance: u64,
 }
+
+static WGPU_INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl std::fmt::Debug for WgpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -248,6 +253,7 @@ impl WgpuDevice {
             dummy_ro,
             dummy_rw,
             uncaptured,
+            instance: WGPU_INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
         };
         d.take_uncaptured()?;
         Ok(d)
@@ -256,8 +262,15 @@ impl WgpuDevice {
     /// `wgpu: <adapter name> [<API>, <device type>]`.
     pub fn describe(&self) -> String {
         let f16 = if self.shader_f16 { ", shader-f16" } else { "" };
+        // The instance number appears from the second device on, so the usual one-device
+        // output stays as it was.
+        let nth = if self.instance > 1 {
+            format!(" #{}", self.instance)
+        } else {
+            String::new()
+        };
         format!(
-            "wgpu: {} [{:?}, {:?}{f16}]",
+            "wgpu{nth}: {} [{:?}, {:?}{f16}]",
             self.info.name, self.info.backend, self.info.device_type
         )
     }
