@@ -92,16 +92,47 @@ impl MatView {
         }
     }
 
-    /// The largest element index touched by a `[batch, rows, cols]` view, plus one.
-    pub(crate) fn extent(&self, batch: usize, rows: usize, cols: usize) -> usize {
+    /// The largest element index touched by a `[batch, rows, cols]` view, plus one, or `None`
+    /// when that overflows `usize`.
+    pub(crate) fn checked_extent(&self, batch: usize, rows: usize, cols: usize) -> Option<usize> {
         if batch == 0 || rows == 0 || cols == 0 {
-            return 0;
+            return Some(0);
         }
+        let span = |n: usize, s: usize| (n - 1).checked_mul(s);
         self.offset
-            + (batch - 1) * self.batch_stride
-            + (rows - 1) * self.row_stride
-            + (cols - 1) * self.col_stride
-            + 1
+            .checked_add(span(batch, self.batch_stride)?)?
+            .checked_add(span(rows, self.row_stride)?)?
+            .checked_add(span(cols, self.col_stride)?)?
+            .checked_add(1)
+    }
+
+    /// Whether distinct (g, i, j) of a `[batch, rows, cols]` view address distinct elements
+    /// (sufficient test: ordered by stride, each axis of size > 1 steps past everything the
+    /// smaller axes span). Output views must be, or two threads would write one element.
+    pub(crate) fn is_injective(&self, batch: usize, rows: usize, cols: usize) -> bool {
+        let mut axes: Vec<(usize, usize)> = [
+            (self.batch_stride, batch),
+            (self.row_stride, rows),
+            (self.col_stride, cols),
+        ]
+        .into_iter()
+        .filter(|&(_, n)| n > 1)
+        .collect();
+        axes.sort_unstable();
+        let mut spanned = 0usize; // the largest offset the smaller axes reach
+        for (stride, n) in axes {
+            if stride <= spanned {
+                return false;
+            }
+            match (n - 1)
+                .checked_mul(stride)
+                .and_then(|s| s.checked_add(spanned))
+            {
+                Some(s) => spanned = s,
+                None => return false,
+            }
+        }
+        true
     }
 
     #[inline]
@@ -187,7 +218,9 @@ impl<'a> Gemm<'a> {
     pub(crate) fn check(&self, op: &'static str, c: &Tensor, pre: Option<&Tensor>) -> Result<()> {
         let fits =
             |arg: &'static str, t: &Tensor, v: &MatView, r: usize, cl: usize| -> Result<()> {
-                let ext = v.extent(self.batch, r, cl);
+                let ext = v.checked_extent(self.batch, r, cl).ok_or_else(|| {
+                    Error::invalid(op, arg, "view offsets overflow usize".to_string())
+                })?;
                 if ext > t.numel() {
                     return Err(Error::invalid(
                         op,
@@ -222,6 +255,23 @@ impl<'a> Gemm<'a> {
             ));
         }
         fits("c", c, &self.c_view, self.m, out_n)?;
+        // The backends write outputs from many threads without synchronisation (and the CPU
+        // epilogue's `unsafe` writes rely on it): each output element must be one thread's.
+        let empty = self.batch == 0 || self.m == 0 || out_n == 0;
+        if !empty && !self.c_view.is_injective(self.batch, self.m, out_n) {
+            return Err(Error::invalid(
+                op,
+                "c",
+                format!("output view {:?} addresses an element twice", self.c_view),
+            ));
+        }
+        if pre.is_some() && !empty && !self.pre_view.is_injective(self.batch, self.m, self.n) {
+            return Err(Error::invalid(
+                op,
+                "pre",
+                format!("output view {:?} addresses an element twice", self.pre_view),
+            ));
+        }
         if let Some(r) = self.residual {
             fits("residual", r, &self.c_view, self.m, out_n)?;
         }
@@ -323,5 +373,35 @@ pub(crate) fn erf_f64(x: f64) -> f64 {
         -r
     } else {
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MatView;
+
+    #[test]
+    fn views_injective_and_extent_checked() {
+        // Row-major, padded rows, transposed, batched: injective.
+        assert!(MatView::new(0, 8, 1, 0).is_injective(1, 4, 8));
+        assert!(MatView::new(3, 10, 1, 0).is_injective(1, 4, 8));
+        assert!(MatView::new(0, 1, 4, 0).is_injective(1, 4, 8));
+        assert!(MatView::new(0, 8, 1, 32).is_injective(2, 4, 8));
+        // Zero stride, overlapping rows, overlapping batches: not.
+        assert!(!MatView::new(0, 0, 1, 0).is_injective(1, 4, 8));
+        assert!(!MatView::new(0, 4, 1, 0).is_injective(1, 4, 8));
+        assert!(!MatView::new(0, 8, 1, 16).is_injective(2, 4, 8));
+        // Size-1 axes may have any stride.
+        assert!(MatView::new(0, 0, 1, 0).is_injective(1, 1, 8));
+        // Overflowing offsets are None, not a wrapped index.
+        assert_eq!(MatView::new(0, 8, 1, 0).checked_extent(1, 4, 8), Some(32));
+        assert_eq!(
+            MatView::new(usize::MAX, 1, 1, 0).checked_extent(1, 2, 2),
+            None
+        );
+        assert_eq!(
+            MatView::new(0, usize::MAX / 2, 1, 0).checked_extent(1, 4, 1),
+            None
+        );
     }
 }
