@@ -278,3 +278,52 @@ fn inbatch_softmax_scalars_and_saved_state_are_checked() {
         ok.backward(&rows_n, &cols, &fwd_n).unwrap();
     }
 }
+
+/// LowRankQkv backward with `out` (and matching dq/dk/dv) from a bigger batch than `x`: a typed
+/// error naming `out.z` (it used to read the first rows silently).
+#[test]
+fn lowrank_qkv_backward_rejects_another_batch() {
+    use recfuse::ops::lowrank_qkv::{LowRankQkv, QkvWeights};
+    for be in common::backends() {
+        let dev = &be.device;
+        let mut r = common::rng("qkv-bad");
+        let c = LowRankQkv {
+            tokens: 3,
+            width: 4,
+            heads: 2,
+            dk: 3,
+            dv: 5,
+            q_tokens: 3,
+            rank_qk: 6,
+            rank_v: 7,
+        };
+        let mut t = |s: &[usize]| common::random_tensor(&mut r, s, 0.5, DType::F32, dev).0;
+        let w = QkvWeights {
+            a: t(&[19, 12]),
+            rq: t(&[18, 6]),
+            rk: t(&[18, 6]),
+            rv: t(&[30, 7]),
+        };
+        let (x_small, x_big) = (t(&[2, 3, 4]), t(&[5, 3, 4]));
+        let out = c.forward(&x_big, &w).unwrap();
+        let (dq, dk, dv) = (t(out.q.shape()), t(out.k.shape()), t(out.v.shape()));
+        let z = |s: &[usize]| Tensor::zeros(s, DType::F32, dev).unwrap();
+        let mut grads = QkvWeights {
+            a: z(&[19, 12]),
+            rq: z(&[18, 6]),
+            rk: z(&[18, 6]),
+            rv: z(&[30, 7]),
+        };
+        match c.backward(&x_small, &w, &out, &dq, &dk, &dv, &mut grads, false) {
+            Err(Error::Shape { arg: "out.z", .. }) => {}
+            other => panic!(
+                "{}: out of a bigger batch: {:?}",
+                be.name,
+                other.map(|_| ())
+            ),
+        }
+        // The right batch still works.
+        c.backward(&x_big, &w, &out, &dq, &dk, &dv, &mut grads, false)
+            .unwrap();
+    }
+}

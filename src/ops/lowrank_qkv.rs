@@ -76,6 +76,15 @@ impl LowRankQkv {
         2 * self.rank_qk + self.rank_v
     }
 
+    /// Shapes of Q, K, V for a batch of `b`.
+    fn out_shapes(&self, b: usize) -> [[usize; 4]; 3] {
+        [
+            [b, self.q_tokens, self.heads, self.dk],
+            [b, self.tokens, self.heads, self.dk],
+            [b, self.tokens, self.heads, self.dv],
+        ]
+    }
+
     /// (rows of R, rank, column offset of Z) for Q, K, V.
     fn parts(&self) -> [(usize, usize, usize); 3] {
         let (h, r) = (self.heads, self.rank_qk);
@@ -129,6 +138,7 @@ impl LowRankQkv {
         let dev = x.device();
         let (ld, rt) = (self.tokens * self.width, self.r_total());
         let mut z = Tensor::zeros(&[b, rt], x.dtype(), &dev)?;
+        let shapes = self.out_shapes(b);
         let g = Gemm::plain(
             b,
             rt,
@@ -140,11 +150,6 @@ impl LowRankQkv {
         );
         g.check(OP, &z, None)?;
         backend::gemm(&dev, &g, &mut z, None)?;
-        let shapes = [
-            [b, self.q_tokens, self.heads, self.dk],
-            [b, self.tokens, self.heads, self.dk],
-            [b, self.tokens, self.heads, self.dv],
-        ];
         let mut outs = Vec::with_capacity(3);
         for ((n, r, off), (rm, shape)) in self
             .parts()
@@ -195,17 +200,32 @@ impl LowRankQkv {
         let b = self.check(OP_B, x, w)?;
         self.check(OP_B, x, grads)?;
         let dev = x.device();
+        let (ld, rt) = (self.tokens * self.width, self.r_total());
+        // `out` must be this batch's forward (it is a public struct), and the gradients its
+        // shapes: a bigger batch's used to be read silently in its first rows.
+        same_device(OP_B, "out.z", &dev, &out.z)?;
+        if out.z.shape() != [b, rt] {
+            return Err(Error::shape(
+                OP_B,
+                "out.z",
+                format!("[{b}, {rt}]"),
+                out.z.shape(),
+            ));
+        }
+        let [sq, sk, sv] = self.out_shapes(b);
         for (arg, t, s) in [
-            ("dq", dq, out.q.shape()),
-            ("dk", dk, out.k.shape()),
-            ("dv", dv, out.v.shape()),
+            ("out.q", &out.q, &sq),
+            ("out.k", &out.k, &sk),
+            ("out.v", &out.v, &sv),
+            ("dq", dq, &sq),
+            ("dk", dk, &sk),
+            ("dv", dv, &sv),
         ] {
             same_device(OP_B, arg, &dev, t)?;
             if t.shape() != s {
                 return Err(Error::shape(OP_B, arg, format!("{s:?}"), t.shape()));
             }
         }
-        let (ld, rt) = (self.tokens * self.width, self.r_total());
         // dZ in f32: its three column blocks are written by three GEMMs, then feed two more.
         let mut dz = Tensor::zeros(&[b, rt], DType::F32, &dev)?;
         let gm = [&mut grads.rq, &mut grads.rk, &mut grads.rv];
