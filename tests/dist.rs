@@ -89,6 +89,51 @@ fn logq_estimator_state_is_identical_on_every_rank() {
     );
 }
 
+#[test]
+fn batches_without_extra_negatives_need_no_neg_log_q() {
+    // Issue 11: a batch with no extra negatives and no logQ was rejected (inverted check).
+    // Every combination on one rank: accepted exactly when it is consistent.
+    use recfuse::dist::{CrossBatch, CrossDeviceSoftmax};
+    use recfuse::ops::inbatch_softmax::RowKind;
+    let comms = LocalGroup::ranks(1).unwrap();
+    let dev = Device::cpu();
+    let q = Tensor::from_f32(&[0.3, -1.0, 0.5, 0.2, 0.9, -0.4], &[3, 2], DType::F32, &dev).unwrap();
+    let p = Tensor::from_f32(&[1.0, 0.1, -0.2, 0.7, 0.4, 0.4], &[3, 2], DType::F32, &dev).unwrap();
+    let neg = Tensor::from_f32(&[0.5, 0.5], &[1, 2], DType::F32, &dev).unwrap();
+    let (lq, nlq) = ([-1.0f32, -2.0, -0.5], [-3.0f32]);
+    let loss = CrossDeviceSoftmax::default();
+    for (with_neg, pos_lq, neg_lq, ok) in [
+        (false, false, false, true),
+        (false, true, false, true),
+        (true, false, false, true),
+        (true, true, true, true),
+        (true, true, false, false),
+        (true, false, true, false),
+    ] {
+        let batch = CrossBatch {
+            queries: &q,
+            positives: &p,
+            pos_ids: &[1, 2, 3],
+            pos_log_q: pos_lq.then_some(&lq[..]),
+            negatives: with_neg.then_some(&neg),
+            neg_ids: if with_neg { &[4] } else { &[] },
+            neg_log_q: neg_lq.then_some(&nlq[..]),
+            kind: &[RowKind::Pos; 3],
+            weight: &[1.0; 3],
+            query_ids: None,
+        };
+        let got = loss.forward(&comms[0], &batch).map(|f| f.loss);
+        assert_eq!(
+            got.is_ok(),
+            ok,
+            "negatives {with_neg}, pos logQ {pos_lq}, neg logQ {neg_lq}: {got:?}"
+        );
+        if let Ok(l) = got {
+            assert!(l.is_finite() && l > 0.0, "{l}");
+        }
+    }
+}
+
 /// A communicator that forwards only the required methods, so the trait's default (host)
 /// tensor collectives run.
 struct HostOnly<'a>(&'a recfuse::dist::LocalComm);
