@@ -849,13 +849,23 @@ fn run(args: &Args) -> recfuse::Result<bool> {
             ""
         }
     );
-    let head = world.marginal.iter().fold(0.0f64, |a, &b| a.max(b));
+    let mut by_mass = world.marginal.clone();
+    by_mass.sort_by(|a, b| b.total_cmp(a));
+    let half = by_mass
+        .iter()
+        .scan(0.0, |a, &p| {
+            *a += p;
+            Some(*a)
+        })
+        .take_while(|&c| c < 0.5)
+        .count()
+        + 1;
     println!(
-        "  catalogue {} items (Zipf {}; the top item is {:.1}% of the positives, {:.1} per batch), {} users × {} contexts ({} held-out pairs), {} training events ({:.1} s to generate)",
+        "  catalogue {} items (Zipf {}; the top item is {:.1}% of the positives, {:.1} per batch; {half} items carry half), {} users × {} contexts ({} held-out pairs), {} training events ({:.1} s to generate)",
         cfg.items,
         cfg.zipf,
-        100.0 * head,
-        head * total as f64,
+        100.0 * by_mass[0],
+        by_mass[0] * total as f64,
         cfg.users,
         cfg.contexts,
         world.test_queries.len(),
