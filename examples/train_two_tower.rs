@@ -585,7 +585,8 @@ fn train_rank(comm: &dyn Communicator, sh: &Shared<'_>) -> recfuse::Result<RankO
     let mut t_log = Instant::now();
     let log_every = (c.steps / 10).max(4);
     for step in 0..c.steps {
-        let counted = step == 1; // the second step: caches warm, nothing first-time
+        // The second step (caches warm, nothing first-time), or the only one.
+        let counted = step == 1.min(c.steps - 1);
         let n0 = dev.host_transfer_count();
         // This rank's shard; every rank's (user, context, item) ids through one all-gather of
         // the (host) input metadata.
@@ -819,6 +820,9 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("train_two_tower: error: {e}");
+            if args.backend == "wgpu" && !args.software {
+                eprintln!("(pass --software to accept a software wgpu adapter such as lavapipe)");
+            }
             ExitCode::FAILURE
         }
     }
