@@ -1,8 +1,10 @@
 //! Collectives for cross-device training: the [`Communicator`] trait, its in-process
 //! implementation [`LocalGroup`] (one thread per rank) and, with the `nccl` feature, its NCCL
 //! implementation `NcclComm` (one GPU per rank, any number of processes and nodes), the
-//! cross-device in-batch softmax ([`CrossDeviceSoftmax`]) and the streaming logQ estimator
-//! ([`LogQEstimator`]).
+//! cross-device in-batch softmax ([`CrossDeviceSoftmax`]), the streaming logQ estimator
+//! ([`LogQEstimator`]) and the tensor collectives of data-parallel training
+//! ([`Communicator::all_reduce_sum_tensors`] for dense gradients,
+//! [`Communicator::all_gather_tensors`]; `examples/train_two_tower.rs` uses both).
 //!
 //! A failed or mismatched rank yields an `Error` on every rank, never a hang: each collective
 //! waits with a deadline, checks that every rank called the same collective with consistent
