@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::tensors::{self, OP_GATHER, OP_REDUCE};
 use super::Communicator;
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 /// What one rank brought to one collective.
 struct Post {
@@ -14,6 +16,15 @@ struct Post {
     /// A size signature every rank must agree on (e.g. the element count of an all-reduce).
     signature: Vec<usize>,
     payload: Vec<u8>,
+    /// Device copies of this rank's tensors (tensor collectives), shared with the other ranks
+    /// by reference: they read them on the device, nothing crosses to the host.
+    tensors: Option<Arc<Vec<Tensor>>>,
+}
+
+/// What one rank receives from one collective: every rank's post, in rank order.
+struct Received {
+    payloads: Vec<Vec<u8>>,
+    tensors: Vec<Option<Arc<Vec<Tensor>>>>,
 }
 
 struct Round {
@@ -99,6 +110,17 @@ impl LocalComm {
         signature: Vec<usize>,
         payload: Vec<u8>,
     ) -> Result<Vec<Vec<u8>>> {
+        Ok(self.exchange_with(op, signature, payload, None)?.payloads)
+    }
+
+    /// As `exchange`, with device tensors beside the bytes.
+    fn exchange_with(
+        &self,
+        op: &'static str,
+        signature: Vec<usize>,
+        payload: Vec<u8>,
+        tensors: Option<Arc<Vec<Tensor>>>,
+    ) -> Result<Received> {
         let world = self.shared.world;
         let round_id = {
             let mut c = self.calls.lock().unwrap_or_else(|p| p.into_inner());
@@ -115,6 +137,7 @@ impl LocalComm {
             op,
             signature,
             payload,
+            tensors,
         });
         self.shared.cv.notify_all();
         loop {
@@ -169,7 +192,10 @@ impl LocalComm {
                 return Err(comm_err(msg));
             }
         }
-        let out: Vec<Vec<u8>> = posts.iter().map(|p| p.payload.clone()).collect();
+        let out = Received {
+            payloads: posts.iter().map(|p| p.payload.clone()).collect(),
+            tensors: posts.iter().map(|p| p.tensors.clone()).collect(),
+        };
         round.taken += 1;
         if round.taken == world {
             st.rounds.remove(&round_id);
@@ -189,6 +215,16 @@ impl Drop for LocalComm {
             });
         }
         self.shared.cv.notify_all();
+    }
+}
+
+/// Another rank's tensor copied onto `dev` when it lives elsewhere (a host round trip only
+/// when the ranks' devices differ); `None` when it is already there.
+fn moved_to(t: &Tensor, dev: &crate::device::Device) -> Result<Option<Tensor>> {
+    if t.device() == *dev {
+        Ok(None)
+    } else {
+        t.to_device(dev).map(Some)
     }
 }
 
@@ -253,6 +289,71 @@ impl Communicator for LocalComm {
             for (o, s) in out.iter_mut().zip(&v[start..start + counts[self.rank]]) {
                 *o += s;
             }
+        }
+        Ok(out)
+    }
+
+    /// On the device: each rank posts device copies of its tensors, then every rank sums all
+    /// ranks' copies into its own tensors in rank order (`copy_from` rank 0, `add_` the rest:
+    /// the same f32 operations everywhere, so identical bits). No host copy when the ranks
+    /// share a device; a tensor on another rank's device is fetched with `to_device`.
+    fn all_reduce_sum_tensors(&self, tensors: &mut [&mut Tensor]) -> Result<()> {
+        let sig = tensors::reduce_signature(tensors);
+        let copies = tensors
+            .iter()
+            .map(|t| t.try_clone())
+            .collect::<Result<Vec<_>>>()?;
+        let got = self.exchange_with(OP_REDUCE, sig, Vec::new(), Some(Arc::new(copies)))?;
+        let all: Vec<&Arc<Vec<Tensor>>> = got
+            .tensors
+            .iter()
+            .map(|t| {
+                t.as_ref()
+                    .ok_or_else(|| comm_err(format!("{OP_REDUCE}: a rank posted no tensors")))
+            })
+            .collect::<Result<_>>()?;
+        for (k, t) in tensors.iter_mut().enumerate() {
+            let dev = t.device();
+            let first = moved_to(&all[0][k], &dev)?;
+            t.copy_from(first.as_ref().unwrap_or(&all[0][k]))?;
+            for theirs in &all[1..] {
+                let x = moved_to(&theirs[k], &dev)?;
+                t.add_(x.as_ref().unwrap_or(&theirs[k]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// On the device: each rank posts a device copy of its tensor; every rank writes all of
+    /// them, in rank order, into one new tensor along axis 0.
+    fn all_gather_tensors(&self, t: &Tensor) -> Result<Tensor> {
+        let sig = tensors::gather_signature(t)?;
+        let got = self.exchange_with(
+            OP_GATHER,
+            sig,
+            Vec::new(),
+            Some(Arc::new(vec![t.try_clone()?])),
+        )?;
+        let parts: Vec<&Tensor> = got
+            .tensors
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .and_then(|v| v.first())
+                    .ok_or_else(|| comm_err(format!("{OP_GATHER}: a rank posted no tensor")))
+            })
+            .collect::<Result<_>>()?;
+        let dev = t.device();
+        let mut shape = t.shape().to_vec();
+        shape[0] = parts.iter().map(|p| p.shape()[0]).sum();
+        let mut out = Tensor::zeros(&shape, t.dtype(), &dev)?;
+        let mut at = 0;
+        for p in parts {
+            if p.shape()[0] > 0 {
+                let x = moved_to(p, &dev)?;
+                crate::ops::glue::write_slice(&mut out, 0, at, x.as_ref().unwrap_or(p))?;
+            }
+            at += p.shape()[0];
         }
         Ok(out)
     }

@@ -197,7 +197,9 @@ impl CrossDeviceSoftmax {
         if let Some(v) = b.query_ids {
             len("query_ids", v.len(), br)?;
         }
-        if b.pos_log_q.is_some() != (b.neg_log_q.is_some() || mr == 0) {
+        // With extra negatives, logQ is given for both kinds of column or for neither; with
+        // none, `neg_log_q` has nothing to describe.
+        if mr > 0 && b.pos_log_q.is_some() != b.neg_log_q.is_some() {
             return Err(Error::invalid(
                 OP,
                 "neg_log_q",
