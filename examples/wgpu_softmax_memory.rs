@@ -4,7 +4,9 @@
 //! `cargo run --example wgpu_softmax_memory -- MODE`, MODE one of `alloc` (uploads only), `dl`
 //! (uploads + a download), `fwd`, `both`, `l2` (both, L2-normalised). Linux only (reads
 //! /proc/self/statm). Measured 2026-12-07 on lavapipe: alloc and dl stay flat (~75–113 MB),
-//! fwd grows ~1.4 MB per call, fwd+bwd ~7.5 MB per call.
+//! fwd grows ~1.4 MB per call, fwd+bwd ~7.5 MB per call; the growth per forward is the same
+//! for N = 64 and N = 4096 (`PROBE_N`, default 1024), and the pipeline cache misses only on the
+//! first call, so it is a fixed cost per launch or per call, not data and not pipelines.
 
 use recfuse::ops::inbatch_softmax::{Columns, InBatchSoftmax, RowKind, Rows};
 use recfuse::{DType, Device, Tensor, WgpuOptions};
@@ -20,7 +22,11 @@ fn main() {
     })
     .unwrap();
     let which = std::env::args().nth(1).unwrap_or_default();
-    let (b, n, d) = (512usize, 1024usize, 32usize);
+    let n: usize = std::env::var("PROBE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let (b, d) = (512usize, 32usize);
     let qv: Vec<f32> = (0..b * d)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
