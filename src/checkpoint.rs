@@ -594,23 +594,29 @@ impl Checkpoint {
             .collect();
         let scope = model_scope(prefix);
         let report = self.check(OP, "params", &wanted, &*scope, opts)?;
-        for (key, t) in targets.iter_mut() {
-            if let Some(e) = self.entries.get(key.as_str()) {
-                self.write_entry(OP, key, e, t)?;
-            }
-        }
+        self.write_targets(OP, &mut targets)?;
         Ok(report)
     }
 
-    /// Converts and writes one checked entry into `t`.
-    fn write_entry(&self, op: &'static str, key: &str, e: &Entry, t: &mut Tensor) -> Result<()> {
-        let bytes =
-            convert::convert(e.dtype, &e.data, t.dtype()).ok_or_else(|| Error::Malformed {
-                op,
-                arg: "checkpoint",
-                reason: format!("`{key}` is {:?}, not a float tensor", e.dtype),
-            })?;
-        t.write_bytes(&bytes)
+    /// Converts and writes every checked entry present into its target tensor (after `check`).
+    pub(crate) fn write_targets(
+        &self,
+        op: &'static str,
+        targets: &mut [(String, &mut Tensor)],
+    ) -> Result<()> {
+        for (key, t) in targets.iter_mut() {
+            let Some(e) = self.entries.get(key.as_str()) else {
+                continue;
+            };
+            let bytes =
+                convert::convert(e.dtype, &e.data, t.dtype()).ok_or_else(|| Error::Malformed {
+                    op,
+                    arg: "checkpoint",
+                    reason: format!("`{key}` is {:?}, not a float tensor", e.dtype),
+                })?;
+            t.write_bytes(&bytes)?;
+        }
+        Ok(())
     }
 
     /// Checks `wanted` against the checkpoint; keys for which `in_scope` holds and nobody

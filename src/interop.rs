@@ -48,7 +48,7 @@ fn storage_from_vec<T: Element>(v: Vec<T>) -> Result<CpuStorage> {
     }
 }
 
-fn dtype_err<T: Element>(op: &'static str, t: &Tensor) -> Error {
+pub(crate) fn dtype_err<T: Element>(op: &'static str, t: &Tensor) -> Error {
     Error::DType {
         op,
         arg: "T",
@@ -81,10 +81,7 @@ impl Tensor {
     /// ```
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Tensor> {
         const OP: &str = "Tensor::from_vec";
-        let n = shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| Error::invalid(OP, "shape", format!("{shape:?} overflows usize")))?;
+        let n = crate::tensor::numel_of(OP, shape)?;
         if n != data.len() {
             return Err(Error::shape(
                 OP,

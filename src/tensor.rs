@@ -145,7 +145,8 @@ pub struct Tensor {
     pub(crate) storage: Storage,
 }
 
-fn numel_of(op: &'static str, shape: &[usize]) -> Result<usize> {
+/// The element count of `shape`, or `InvalidArgument` on `shape` when it overflows `usize`.
+pub(crate) fn numel_of(op: &'static str, shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))

@@ -128,11 +128,7 @@ impl Checkpoint {
             .collect();
         let in_scope = |k: &str| k == step || scopes.iter().any(|s| k.starts_with(s.as_str()));
         let report = self.check(OP, "opt", &wanted, &in_scope, opts)?;
-        for (key, t) in targets.iter_mut() {
-            if let Some(e) = self.entries.get(key.as_str()) {
-                self.write_entry(OP, key, e, t)?;
-            }
-        }
+        self.write_targets(OP, &mut targets)?;
         drop(targets);
         if let Some((dtype, _, data)) = self.raw(&step) {
             let bytes: [u8; 8] = data.try_into().map_err(|_| Error::Malformed {

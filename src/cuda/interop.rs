@@ -25,17 +25,10 @@ use super::{backend_err, CudaDevice, CudaStorage};
 use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::{numel_of, Storage, Tensor};
 
 /// Alignment every wrapped device pointer must have (the widest vector access of any kernel).
 pub const CUDA_PTR_ALIGN: u64 = 16;
-
-fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::invalid(op, "shape", format!("{shape:?} overflows usize")))
-}
 
 fn cuda_of<'a>(op: &'static str, device: &'a Device) -> Result<&'a Arc<CudaDevice>> {
     device.as_cuda().ok_or_else(|| Error::DeviceMismatch {
@@ -44,18 +37,6 @@ fn cuda_of<'a>(op: &'static str, device: &'a Device) -> Result<&'a Arc<CudaDevic
         expected: "a CUDA device".into(),
         actual: device.describe(),
     })
-}
-
-fn dtype_check<T: Element>(op: &'static str, arg: &'static str, dtype: DType) -> Result<()> {
-    if T::DTYPE != dtype {
-        return Err(Error::DType {
-            op,
-            arg,
-            expected: dtype.to_string(),
-            actual: T::DTYPE,
-        });
-    }
-    Ok(())
 }
 
 impl Tensor {
@@ -81,7 +62,7 @@ impl Tensor {
     ) -> Result<Tensor> {
         const OP: &str = "Tensor::from_cuda_slice";
         let d = cuda_of(OP, device)?;
-        let n = numel(OP, shape)?;
+        let n = numel_of(OP, shape)?;
         if slice.len() != n {
             return Err(Error::shape(
                 OP,
@@ -124,7 +105,9 @@ impl Tensor {
     /// ([`Tensor::from_raw_cuda`]) cannot be turned into an owning slice: `Error::InvalidArgument`.
     pub fn into_cuda_slice<T: Element + DeviceRepr>(self) -> Result<CudaSlice<T>> {
         const OP: &str = "Tensor::into_cuda_slice";
-        dtype_check::<T>(OP, "T", self.dtype())?;
+        if T::DTYPE != self.dtype() {
+            return Err(crate::interop::dtype_err::<T>(OP, &self));
+        }
         let n = self.numel();
         let actual = self.device().describe();
         let s = match self.storage {
@@ -186,7 +169,7 @@ impl Tensor {
     ) -> Result<Tensor> {
         const OP: &str = "Tensor::from_raw_cuda";
         let d = cuda_of(OP, device)?;
-        let n = numel(OP, shape)?;
+        let n = numel_of(OP, shape)?;
         let nbytes = n
             .checked_mul(dtype.size())
             .ok_or_else(|| Error::invalid(OP, "shape", format!("{shape:?} bytes overflow")))?;

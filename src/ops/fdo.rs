@@ -101,9 +101,8 @@ fn covariance(table: &Tensor, n: usize, d: usize) -> Result<(Vec<f64>, Vec<f64>)
     // On a GPU, two passes: the column means, then (E − 1μᵀ)ᵀ(E − 1μᵀ) in f32 on the centred
     // table. (EᵀE − nμμᵀ would cancel catastrophically: with mean 10 and sd 0.01 the top
     // eigenvalue came out 24% off and the smallest exactly 0.)
-    let mut sums = Tensor::zeros(&[d], DType::F32, &dev)?;
-    backend::col_sum(&dev, table, n, d, &mut sums, false, false)?;
-    let mut mu = sums.try_clone()?;
+    let mut mu = Tensor::zeros(&[d], DType::F32, &dev)?;
+    backend::col_sum(&dev, table, n, d, &mut mu, false, false)?;
     mu.scale(1.0 / n as f32)?;
     let mut centred = table.to_dtype(DType::F32)?;
     centred.axpy(-1.0, &crate::ops::glue::sum_backward(&mu, 0, n)?)?;

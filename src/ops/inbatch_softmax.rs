@@ -350,15 +350,7 @@ impl InBatchSoftmax {
             p_target[i] = logp.exp() as f32;
             let l = match rows.kind[i] {
                 RowKind::Pos => -logp,
-                RowKind::Ntr => {
-                    // Clamped away from log 0, but NaN stays NaN (`max` would drop it).
-                    let l1m = log1mexp(logp);
-                    -(if l1m.is_nan() {
-                        l1m
-                    } else {
-                        l1m.max(1e-30f64.ln())
-                    })
-                }
+                RowKind::Ntr => -log1mexp_clamped(logp),
             };
             loss += rows.weight[i] as f64 * l / z;
         }
@@ -390,14 +382,7 @@ impl InBatchSoftmax {
                     RowKind::Ntr => {
                         // p/(1 − p) = exp(s_t − LSE_excl), LSE_excl = LSE + log1mexp(s_t − LSE).
                         let logp = (fwd.s_target[i] - fwd.lse[i]) as f64;
-                        // Clamped away from log 0, but NaN stays NaN (`max` would drop it).
-                        let l1m = log1mexp(logp);
-                        let l1m = if l1m.is_nan() {
-                            l1m
-                        } else {
-                            l1m.max(1e-30f64.ln())
-                        };
-                        let lse_excl = fwd.lse[i] as f64 + l1m;
+                        let lse_excl = fwd.lse[i] as f64 + log1mexp_clamped(logp);
                         (-w * (fwd.s_target[i] as f64 - lse_excl).exp()) as f32
                     }
                 }
@@ -533,6 +518,17 @@ fn check_fwd(b: usize, fwd: &SoftmaxForward, weight: &[f32]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// log(1 − eˣ) clamped away from log 0 (at log 1e-30), for the not-to-recommend loss and its
+/// coefficients alike; NaN stays NaN (`f64::max` would drop it).
+fn log1mexp_clamped(x: f64) -> f64 {
+    let l = log1mexp(x);
+    if l.is_nan() {
+        l
+    } else {
+        l.max(1e-30f64.ln())
+    }
 }
 
 /// log(1 − eˣ) for x ≤ 0, stable at both ends (Mächler's rule).

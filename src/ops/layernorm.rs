@@ -153,7 +153,7 @@ impl LayerNorm {
         fwd: &LayerNormForward,
         dy: &Tensor,
     ) -> Result<LayerNormGrads> {
-        let (_, tokens) = tokens_of("layernorm_backward", &fwd.input, gamma, beta)?;
+        let (d, tokens) = tokens_of("layernorm_backward", &fwd.input, gamma, beta)?;
         if dy.shape() != fwd.input.shape() {
             return Err(Error::shape(
                 "layernorm_backward",
@@ -166,7 +166,7 @@ impl LayerNorm {
         let dev = fwd.input.device();
         same_device(BWD, "dy", &dev, dy)?;
         // The statistics must be this forward's: one f32 per normalised row, on its device.
-        let rows = fwd.input.numel() / fwd.input.shape().last().copied().unwrap_or(1).max(1);
+        let rows = fwd.input.numel() / d.max(1);
         for (arg, t) in [("fwd.mean", &fwd.mean), ("fwd.rstd", &fwd.rstd)] {
             same_device(BWD, arg, &dev, t)?;
             if t.shape() != [rows] {

@@ -159,11 +159,9 @@ fn pack_uniform(
             v.batch_stride
         ),
     };
-    for i in 0..axes.len() {
-        let span: usize = axes[i + 1..].iter().map(|a| a.0 * (a.1 - 1)).sum();
-        if axes[i].0 <= span {
-            return Err(interleaved());
-        }
+    // Nesting is exactly `MatView::is_injective`'s test (each stride past the smaller spans).
+    if !v.is_injective(b, m, n) {
+        return Err(interleaved());
     }
     let numel = t.numel();
     let nwords = if t.dtype() == DType::F32 {
