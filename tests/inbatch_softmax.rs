@@ -5,7 +5,7 @@
 mod common;
 
 use common::softmax::Problem;
-use common::{assert_close, backends, finite_diff, rng};
+use common::{assert_close, assert_close_scaled, backends, finite_diff, rng};
 use rand::Rng;
 use recfuse::cpu::reference::{self, RefRowKind, RefSoftmax};
 use recfuse::ops::inbatch_softmax::{Columns, InBatchSoftmax, Reduction, RowKind, Rows};
@@ -144,14 +144,14 @@ fn assert_matches_reference(what: &str, p: &Problem, f: Features, out: RunOut, q
     // Gradients sum κ·a_i·(P − δ)·v̂ terms of size ≈ κ/B (a_i = w_i/Σw); one whose terms cancel
     // still carries their rounding, so measure against that size.
     let floor = 4.0 / p.b as f64;
-    common::assert_close_scaled(
+    assert_close_scaled(
         &format!("{what} dq"),
         &dq,
         &want.dq,
         common::tolerance(q_dtype, p.n) * 10.0,
         floor,
     );
-    common::assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);
+    assert_close_scaled(&format!("{what} dc"), &dc, &want.dc, tol, floor);
     assert!(
         ((dk as f64) - want.dkappa).abs() <= tol * want.dkappa.abs().max(1.0),
         "{what}: dκ {dk} vs {}",
@@ -293,7 +293,10 @@ fn fused_gradients_match_finite_differences() {
         1e-5,
     );
     let fd = finite_diff(&[2.5], h, |k| reference_of(&p, ALL, k[0], &qv, &cv).loss);
-    assert_close("dκ vs fd", &[dk as f64], &fd, 1e-5);
+    // dκ = mean over rows of (E_p[s] − s_target): a cancelling difference of cosines, each
+    // bounded by 1 under l2_normalize, so its f32 rounding is set by those terms (scale 1),
+    // not by the small result (~1e-3 here; measured against itself it flaked ~1% of seeds).
+    assert_close_scaled("dκ vs fd", &[dk as f64], &fd, 2e-6, 1.0);
 }
 
 /// logQ correction subtracts log q: a popular column (large q) gets a *smaller* logit, so
