@@ -1,12 +1,18 @@
-//! Diagnostic for a known, unfixed problem (docs/TRAINING.md, "Known problem"): host memory
-//! growth of the in-batch softmax on WGSL. Loops 200 fused forward(+backward) calls at
-//! B = 512, N = 1024, d = 32 on a wgpu adapter (software allowed) and prints the resident set.
-//! `cargo run --example wgpu_softmax_memory -- MODE`, MODE one of `alloc` (uploads only), `dl`
-//! (uploads + a download), `fwd`, `both`, `l2` (both, L2-normalised). Linux only (reads
-//! /proc/self/statm). Measured 2026-12-07 on lavapipe: alloc and dl stay flat (~75–113 MB),
-//! fwd grows ~1.4 MB per call, fwd+bwd ~7.5 MB per call; the growth per forward is the same
-//! for N = 64 and N = 4096 (`PROBE_N`, default 1024), and the pipeline cache misses only on the
-//! first call, so it is a fixed cost per launch or per call, not data and not pipelines.
+//! Diagnostic for a found and worked-around Mesa lavapipe leak (docs/TRAINING.md): host memory
+//! of the in-batch softmax on WGSL. Loops PROBE_IT (default 200) fused forward(+backward) calls
+//! at B = PROBE_B (512), N = PROBE_N (1024), d = 32 on a wgpu adapter (software allowed) and
+//! prints the resident set. `cargo run --example wgpu_softmax_memory -- MODE`, MODE one of
+//! `alloc` (uploads only), `dl` (uploads + a download), `fwd`, `both`, `l2` (both,
+//! L2-normalised). Linux only (reads /proc/self/statm).
+//!
+//! Measured 2026-12-07 on lavapipe (Mesa 22.3.6, LLVM 15): with the launch parameters in
+//! uniform blocks (`RECFUSE_WGPU_PARAMS=uniform`) fwd grew ~1.4 MB per call and fwd+bwd
+//! ~7.5 MB, the same for N = 64 and 4096, with no pipeline rebuilt. Bisected by editing the
+//! shader: the growth came only from `fwd_main` (and the gradient kernels), and within it
+//! only from a branch on the uniform `P.flags` guarding a storage read (`if (has(F_L2)) { x /=
+//! norms[i]; }`); heaptrack saw just ~1 MB of malloc leaks in the driver's threads, so the rest
+//! is mapped memory inside lavapipe. The same block bound as a read-only storage buffer does
+//! not grow (fwd+bwd 166 → 172 MB over 100 calls), which is now the software-adapter default.
 
 use recfuse::ops::inbatch_softmax::{Columns, InBatchSoftmax, RowKind, Rows};
 use recfuse::{DType, Device, Tensor, WgpuOptions};
@@ -26,7 +32,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
-    let (b, d) = (512usize, 32usize);
+    let b: usize = std::env::var("PROBE_B")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let d = 32usize;
     let qv: Vec<f32> = (0..b * d)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
@@ -43,7 +53,11 @@ fn main() {
         kappa: 20.0,
         ..Default::default()
     };
-    for it in 0..200 {
+    let iters: usize = std::env::var("PROBE_IT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    for it in 0..iters {
         let q = Tensor::from_f32(&qv, &[b, d], DType::F32, &dev).unwrap();
         let c = Tensor::from_f32(&cv, &[n, d], DType::F32, &dev).unwrap();
         if which.contains("alloc") {

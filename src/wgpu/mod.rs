@@ -37,6 +37,8 @@ pub struct WgpuDevice {
     shader_f16: bool,
     /// `RECFUSE_SYNC_CHECK=1`: wait after every launch so a fault names its kernel.
     sync_check: bool,
+    /// Uniform or read-only storage buffers for the launch parameters (a lavapipe leak).
+    params_in: pipelines::ParamsIn,
     pipelines: pipelines::PipelineCache,
     pool: buffers::BufferPool,
     /// Bound in place of absent optional inputs (bias, residual, pre) so every kernel variant
@@ -240,6 +242,7 @@ impl WgpuDevice {
         let dummy_ro = dummy("recfuse dummy (read)", wgpu::BufferUsages::STORAGE);
         let dummy_rw = dummy("recfuse dummy (read_write)", wgpu::BufferUsages::STORAGE);
         let sync_check = std::env::var("RECFUSE_SYNC_CHECK").is_ok_and(|v| v == "1");
+        let params_in = pipelines::ParamsIn::choose(is_software(&info))?;
         let d = WgpuDevice {
             _instance: instance,
             device,
@@ -248,6 +251,7 @@ impl WgpuDevice {
             limits,
             shader_f16,
             sync_check,
+            params_in,
             pipelines: pipelines::PipelineCache::default(),
             pool: buffers::BufferPool::default(),
             dummy_ro,

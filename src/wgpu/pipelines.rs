@@ -73,6 +73,69 @@ pub(crate) const OPTIM_WGSL: Shader = Shader {
     source: include_str!("../../kernels/wgsl/optim.wgsl"),
 };
 
+/// Where the launch parameters (binding 0 of every kernel) live.
+///
+/// Mesa's lavapipe (checked: 22.3.6, Debian 12) leaks host memory on every dispatch of some
+/// shaders whose branches read a `var<uniform>` block (~1.4 MB per in-batch softmax forward:
+/// the two-tower trainer on lavapipe grew 8 MB per step until the OOM killer stopped it at
+/// 24 GB; examples/wgpu_softmax_memory bisects it). The same block read as a read-only
+/// storage buffer does not leak and costs nothing measurable there, so software adapters get
+/// `Storage`: the shaders' `var<uniform>` becomes `var<storage, read>` and the layouts and
+/// buffers follow. Hardware adapters keep uniforms (the constant-cache path).
+/// `RECFUSE_WGPU_PARAMS=uniform|storage` overrides the choice (the tests use it to run both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ParamsIn {
+    Uniform,
+    Storage,
+}
+
+impl ParamsIn {
+    /// The choice for an adapter: `RECFUSE_WGPU_PARAMS` when set, else `Storage` on software.
+    pub(crate) fn choose(software: bool) -> Result<ParamsIn> {
+        match std::env::var("RECFUSE_WGPU_PARAMS") {
+            Err(std::env::VarError::NotPresent) => Ok(if software {
+                ParamsIn::Storage
+            } else {
+                ParamsIn::Uniform
+            }),
+            Ok(v) if v == "uniform" => Ok(ParamsIn::Uniform),
+            Ok(v) if v == "storage" => Ok(ParamsIn::Storage),
+            Ok(v) => Err(Error::invalid(
+                "Device::wgpu",
+                "RECFUSE_WGPU_PARAMS",
+                format!("must be `uniform` or `storage`, not `{v}`"),
+            )),
+            Err(std::env::VarError::NotUnicode(_)) => Err(Error::invalid(
+                "Device::wgpu",
+                "RECFUSE_WGPU_PARAMS",
+                "is not UTF-8 (must be `uniform` or `storage`)",
+            )),
+        }
+    }
+
+    /// The WGSL source as this device compiles it.
+    fn source(self, wgsl: String) -> String {
+        match self {
+            ParamsIn::Uniform => wgsl,
+            ParamsIn::Storage => wgsl.replace("var<uniform>", "var<storage, read>"),
+        }
+    }
+
+    fn binding(self) -> wgpu::BufferBindingType {
+        match self {
+            ParamsIn::Uniform => wgpu::BufferBindingType::Uniform,
+            ParamsIn::Storage => wgpu::BufferBindingType::Storage { read_only: true },
+        }
+    }
+
+    fn usage(self) -> wgpu::BufferUsages {
+        match self {
+            ParamsIn::Uniform => wgpu::BufferUsages::UNIFORM,
+            ParamsIn::Storage => wgpu::BufferUsages::STORAGE,
+        }
+    }
+}
+
 /// How a binding is declared in WGSL; binding i of a kernel is `bindings[i]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Binding {
@@ -169,7 +232,9 @@ impl WgpuDevice {
         if let Some(m) = modules.get(shader.name) {
             return Ok(m.clone());
         }
-        let source = format!("{COMMON_WGSL}\n{}", shader.source);
+        let source = self
+            .params_in
+            .source(format!("{COMMON_WGSL}\n{}", shader.source));
         let (module, err) = self.scoped(|| {
             self.device
                 .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -206,7 +271,7 @@ impl WgpuDevice {
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: match b {
-                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                        Binding::Uniform => self.params_in.binding(),
                         Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
                         Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
                     },
@@ -400,7 +465,7 @@ impl WgpuDevice {
                         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                             label: Some("recfuse params"),
                             contents: bytemuck::cast_slice(&words),
-                            usage: wgpu::BufferUsages::UNIFORM,
+                            usage: self.params_in.usage(),
                         });
                     let mut entries = vec![wgpu::BindGroupEntry {
                         binding: 0,
