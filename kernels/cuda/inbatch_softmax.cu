@@ -569,7 +569,9 @@ extern "C" __global__ void __launch_bounds__(256) ibs_norms(const IbsParams p) {
         ss += __shfl_xor_sync(0xFFFFFFFFu, ss, off);
     }
     if (lane == 0) {
-        const float n = fmaxf(sqrtf(ss), p.eps);
+        // fmaxf would drop a NaN norm (and with it the NaN of this row's gradient).
+        const float r = sqrtf(ss);
+        const float n = r != r ? r : fmaxf(r, p.eps);
         if (is_q) {
             reinterpret_cast<float*>(p.qnorm)[w] = n;
         } else {

@@ -94,6 +94,11 @@ fn word_of(e: u32, dt: u32) -> u32 {
     return select(e >> 1u, e, dt == DT_F32);
 }
 
+// NaN by its bits: WGSL lets comparisons and max/min treat NaN as any value.
+fn is_nan_f32(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
 // Element e of dtype dt, given the word that holds it.
 fn decode(w: u32, e: u32, dt: u32) -> f32 {
     if (dt == DT_F32) {

@@ -672,7 +672,9 @@ fn row_norms_main(
         let x = rn_load(base + k);
         s += x * x;
     }
-    rn_out[RN.out_off + r] = max(sqrt(s), RN.eps);
+    // WGSL's max may drop a NaN (and with it the NaN of this row's gradient).
+    let n = sqrt(s);
+    rn_out[RN.out_off + r] = select(max(n, RN.eps), n, is_nan_f32(n));
 }
 
 @group(0) @binding(1) var<storage, read> lf_x: array<u32>;

@@ -408,10 +408,25 @@ pub fn inbatch_softmax(p: &RefSoftmax<'_>) -> RefSoftmaxOut {
     let mut dqh = vec![0.0; b * d];
     let mut dch = vec![0.0; n * d];
     let mut dkappa = 0.0;
+    // The gradient products run dense, over every row and column, as a materialised
+    // implementation's `Gᵀ·Q̂` and `G·Ĉ` do: a masked pair or an inactive row has G = 0, and
+    // 0 · NaN is NaN, so a NaN query poisons every column's gradient (and a NaN candidate every
+    // row's) while the loss sees only the active rows' domains. The fused kernels follow this
+    // rule on every backend (tests/inbatch_softmax.rs, NaN inputs).
+    let dense = |i: usize, j: usize, g: f64, dkappa: &mut f64, dqh: &mut [f64], dch: &mut [f64]| {
+        *dkappa += g * dot(&qn[i].0, &cn[j].0);
+        for k in 0..d {
+            dqh[i * d + k] += p.kappa * g * cn[j].0[k];
+            dch[j * d + k] += p.kappa * g * qn[i].0[k];
+        }
+    };
     for i in 0..b {
         let t = p.target[i];
         let valid_col = |j: usize| p.valid.is_none_or(|v| v[j]);
         if p.weight[i] == 0.0 || t >= n || !valid_col(t) {
+            for j in 0..n {
+                dense(i, j, 0.0, &mut dkappa, &mut dqh, &mut dch);
+            }
             continue;
         }
         let in_d = |j: usize| {
@@ -458,17 +473,10 @@ pub fn inbatch_softmax(p: &RefSoftmax<'_>) -> RefSoftmaxOut {
                 -w * pt / (1.0 - pt)
             }
         };
-        for j in 0..n {
-            let pij = if in_d(j) { (s[j] - lse).exp() } else { 0.0 };
+        for (j, &sj) in s.iter().enumerate() {
+            let pij = if in_d(j) { (sj - lse).exp() } else { 0.0 };
             let g = a * (pij - if j == t { 1.0 } else { 0.0 });
-            if g == 0.0 {
-                continue;
-            }
-            dkappa += g * dot(&qn[i].0, &cn[j].0);
-            for k in 0..d {
-                dqh[i * d + k] += p.kappa * g * cn[j].0[k];
-                dch[j * d + k] += p.kappa * g * qn[i].0[k];
-            }
+            dense(i, j, g, &mut dkappa, &mut dqh, &mut dch);
         }
     }
     // Through the normalisation: ∂L/∂u = (g − û⟨û, g⟩)/‖u‖ (when ‖u‖ ≥ ε).

@@ -148,6 +148,12 @@ fn grad_tile(
         let i = r0 + r;
         let row = &mut tile[r * cb..r * cb + cb];
         if a[i] == 0.0 || p.target[i] == u32::MAX {
+            // G = 0 here, but dκ's dense Σ G·dot still meets a NaN dot (as every backend's).
+            if let Some(dk) = dk.as_deref_mut() {
+                if row.iter().any(|v| v.is_nan()) {
+                    dk[r] = f32::NAN;
+                }
+            }
             row.iter_mut().for_each(|v| *v = 0.0);
             continue;
         }
@@ -240,7 +246,9 @@ pub(crate) fn grad_columns(
 fn normalise(v: &mut [f32], d: usize, eps: f32) -> Vec<f32> {
     v.chunks_mut(d.max(1))
         .map(|r| {
-            let n = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(eps);
+            let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            // f32::max would drop a NaN norm (and with it the NaN of this row's gradient).
+            let n = if s.is_nan() { s } else { s.max(eps) };
             r.iter_mut().for_each(|x| *x /= n);
             n
         })

@@ -16,6 +16,13 @@
 //! gradients (padding). An NTR row whose domain holds only its target has p = 1 and an
 //! unbounded loss; its `1 − p` is clamped at 1e-30 (loss ≤ 69·w) so nothing is NaN.
 //!
+//! NaN inputs propagate as through a materialised implementation, on every backend: the loss
+//! is NaN when an active row's domain meets a NaN logit; the gradient products `G·V̂` and
+//! `Gᵀ·Û` run dense over every row and column (a masked pair or a padding row has G = 0, and
+//! 0 · NaN is NaN), so a NaN query makes every column's gradient NaN and a NaN candidate every
+//! row's; with L2 a NaN row's own gradient is NaN. A padding row or a fully masked column never
+//! reaches the loss. A NaN or infinite logQ is refused (`cols.log_q`).
+//!
 //! ```
 //! use recfuse::ops::inbatch_softmax::{Columns, InBatchSoftmax, RowKind, Rows};
 //! use recfuse::{DType, Device, Tensor};

@@ -238,7 +238,8 @@ fn split_i64(v: i64) -> [u32; 2] {
 
 impl<'a> Call<'a> {
     /// Uploads the metadata; `coef` carries (a, LSE) for the backward kernels. Rows whose
-    /// coefficient is zero or whose LSE is not finite get a = 0 and LSE = 0 (never read).
+    /// coefficient is zero get a = 0 and LSE = 0 (never read); a NaN LSE is passed on, so the
+    /// row's gradients come out NaN as the reference's do.
     fn new(
         d: &Arc<WgpuDevice>,
         a: &SoftmaxArgs<'a>,
@@ -265,7 +266,7 @@ impl<'a> Call<'a> {
                 w[3..5].copy_from_slice(&split_i64(rq[i]));
             }
             if let Some((coef, lse)) = coef {
-                if coef[i] != 0.0 && lse[i].is_finite() {
+                if coef[i] != 0.0 {
                     w[5] = coef[i].to_bits();
                     w[6] = lse[i].to_bits();
                 }

@@ -6,6 +6,7 @@ use recfuse::ops::inbatch_softmax::RowKind;
 /// B rows over N columns: rows target columns 0..B (the in-batch positives), ids from a small
 /// pool (accidental hits happen), pairs of rows share a query id, ~10% invalid columns (never a
 /// target), logQ, and mixed POS/NTR rows. Callers add their own padding rows.
+#[derive(Clone)]
 pub struct Problem {
     pub b: usize,
     pub n: usize,
