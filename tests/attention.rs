@@ -346,3 +346,133 @@ fn bad_input() {
         .unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "mask", .. }), "{e}");
 }
+
+/// A NaN in one input makes NaN exactly the outputs the f64 reference makes NaN, and leaves the
+/// others equal to it, on every backend: the forward reads only unmasked keys (a NaN in a
+/// masked key's K or V never reaches O), while the backward products run dense over every key
+/// (a masked key has P = 0, and 0 · NaN is NaN), as a materialised implementation's do. A
+/// fully masked sample stays exactly 0. Samples: 0 with every third key masked, 1 fully
+/// masked, 2 unmasked.
+#[test]
+fn nan_inputs_are_nan_exactly_where_the_reference_is() {
+    let d = AttnDims {
+        b: 3,
+        lq: 5,
+        l: 7,
+        h: 2,
+        dk: 8,
+        dv: 6,
+    };
+    let mask: Vec<bool> = (0..d.b * d.l)
+        .map(|i| match i / d.l {
+            0 => i % 3 != 0,
+            1 => false,
+            _ => true,
+        })
+        .collect();
+    let at = |bb: usize, t: usize, hh: usize, c: usize, w: usize, len: usize| {
+        ((bb * len + t) * d.h + hh) * w + c
+    };
+    // (what, tensor index 0 = q, 1 = k, 2 = v, 3 = bias, 4 = dO; element)
+    let cases: Vec<(&str, usize, usize)> = vec![
+        ("a query of sample 0", 0, at(0, 2, 1, 3, d.dk, d.lq)),
+        (
+            "a query of the masked sample",
+            0,
+            at(1, 1, 0, 0, d.dk, d.lq),
+        ),
+        ("an unmasked key", 1, at(2, 4, 0, 5, d.dk, d.l)),
+        ("a masked key", 1, at(0, 3, 1, 2, d.dk, d.l)),
+        ("an unmasked value", 2, at(0, 1, 0, 4, d.dv, d.l)),
+        ("a masked value", 2, at(0, 6, 1, 1, d.dv, d.l)),
+        ("a bias entry", 3, (d.lq + 2) * d.l + 4),
+        ("an output gradient", 4, at(2, 0, 1, 2, d.dv, d.lq)),
+    ];
+    let scale = 1.0 / (d.dk as f64).sqrt();
+    let mut wrong = Vec::new();
+    for be in backends() {
+        let dev = &be.device;
+        for (what, which, e) in &cases {
+            let what = format!("{}: NaN in {what}", be.name);
+            let mut r = rng("attention nan");
+            let shapes: [Vec<usize>; 5] = [
+                vec![d.b, d.lq, d.h, d.dk],
+                vec![d.b, d.l, d.h, d.dk],
+                vec![d.b, d.l, d.h, d.dv],
+                vec![d.h, d.lq, d.l],
+                vec![d.b, d.lq, d.h, d.dv],
+            ];
+            let mut vals: Vec<Vec<f32>> = shapes
+                .iter()
+                .map(|s| common::uniform(&mut r, s.iter().product(), 1.0))
+                .collect();
+            vals[*which][*e] = f32::NAN;
+            let t: Vec<Tensor> = vals
+                .iter()
+                .zip(&shapes)
+                .map(|(v, s)| Tensor::from_f32(v, s, DType::F32, dev).unwrap())
+                .collect();
+            let f64s: Vec<Vec<f64>> = vals
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f64).collect())
+                .collect();
+            let mf: Vec<f32> = mask.iter().map(|&x| x as u8 as f32).collect();
+            let mask_t = Tensor::from_f32(&mf, &[d.b, d.l], DType::F32, dev).unwrap();
+            let att = Attention::default();
+            let fwd = att
+                .forward(&t[0], &t[1], &t[2], Some(&t[3]), Some(&mask_t))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let g = att
+                .backward(&t[0], &t[1], &t[2], Some(&t[3]), Some(&mask_t), &fwd, &t[4])
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (o, lse) = reference::attention_forward(
+                d,
+                &f64s[0],
+                &f64s[1],
+                &f64s[2],
+                Some(&f64s[3]),
+                Some(&mask),
+                scale,
+            );
+            let (dq, dk, dv, db) = reference::attention_backward(
+                d,
+                &f64s[0],
+                &f64s[1],
+                &f64s[2],
+                Some(&f64s[3]),
+                Some(&mask),
+                scale,
+                &f64s[4],
+            );
+            let dbias = g.dbias.as_ref().expect("a bias gradient");
+            for (name, got, want) in [
+                ("O", &fwd.o, &o),
+                ("LSE", &fwd.lse, &lse),
+                ("dQ", &g.dq, &dq),
+                ("dK", &g.dk, &dk),
+                ("dV", &g.dv, &dv),
+                ("dbias", dbias, &db),
+            ] {
+                let got = got.to_f64_vec().unwrap();
+                let bad: Vec<usize> = (0..got.len())
+                    .filter(|&i| {
+                        let (g, w) = (got[i], want[i]);
+                        g.is_nan() != w.is_nan()
+                            || (w.is_finite() && (g - w).abs() > 1e-4 * (1.0 + w.abs()))
+                            || (w.is_infinite() && g != w)
+                    })
+                    .collect();
+                if let Some(&i) = bad.first() {
+                    wrong.push(format!(
+                        "{what}: {name}: {} of {} elements differ, first [{i}] is {}, the reference's {}",
+                        bad.len(),
+                        got.len(),
+                        got[i],
+                        want[i]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

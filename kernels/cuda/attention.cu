@@ -7,7 +7,8 @@
 //   D_i = dO_i·O_i,  dP_ij = dO_i·v_j,  dS_ij = P_ij (dP_ij − D_i)
 //   dQ_i = scale·Σ_j dS_ij k_j,  dK_j = scale·Σ_i dS_ij q_i,  dV_j = Σ_i P_ij dO_i,
 //   d bias[h, i, j] = Σ_b dS_bhij (fixed order).
-// A row whose keys are all masked has O = 0, LSE = −∞ and zero gradients, never NaN.
+// A row whose keys are all masked has O = 0, LSE = −∞ and zero gradients, never NaN. A masked key
+// is never read (its K and V are staged as 0); a NaN score of a valid key makes its row NaN.
 //
 // Layouts (row-major, element indices): Q [B, Lq, H, dk], K [B, L, H, dk], V [B, L, H, dv],
 // O and dO [B, Lq, H, dv], LSE [B, H, Lq], bias and d bias [H, Lq, L], mask [B, L] (non-zero =
@@ -191,31 +192,37 @@ __device__ __forceinline__ void attn_store_row(const float (&r)[N], unsigned lon
     }
 }
 
-// Stages keys j0..j0+31 of (b, hh): K into ta[32][DK], V into tb[32][DV] (f32, zero past L and
-// past dk/dv), valid[jj] = 1 for an in-range key that the mask keeps, else 0.
+// Key j of sample b is in range and kept by the mask.
+__device__ __forceinline__ bool attn_key_ok(const AttnParams& p, unsigned b, unsigned j) {
+    return j < p.l && (!p.mask || rf_load_dyn(p.mask, p.mask_dt, b * p.l + j) != 0.0f);
+}
+
+// max that keeps a NaN: fmaxf drops it, which would read a NaN score row as all masked.
+__device__ __forceinline__ float attn_nan_max(float a, float b) {
+    return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+}
+
+// Stages keys j0..j0+31 of (b, hh): K into ta[32][DK], V into tb[32][DV] (f32; zero past L, past
+// dk/dv and for a masked key, which is never read: a NaN there reaches no output),
+// valid[jj] = 1 for an in-range key that the mask keeps, else 0.
 __device__ __forceinline__ void attn_stage_keys(const AttnParams& p, unsigned b, unsigned hh,
                                                 unsigned j0, float (*ta)[DK], float (*tb)[DV],
                                                 float* valid) {
     const unsigned t = threadIdx.x, nt = blockDim.x;
     for (unsigned e = t; e < RF_ATTN_TILE * DK; e += nt) {
         const unsigned jj = e / DK, c = e % DK, j = j0 + jj;
-        ta[jj][c] = (j < p.l && c < p.dk_)
+        ta[jj][c] = (c < p.dk_ && attn_key_ok(p, b, j))
                         ? rf_load_dyn(p.k, p.qkv_dt, attn_row(p, b, j, p.l, hh, p.dk_) + c)
                         : 0.0f;
     }
     for (unsigned e = t; e < RF_ATTN_TILE * DV; e += nt) {
         const unsigned jj = e / DV, c = e % DV, j = j0 + jj;
-        tb[jj][c] = (j < p.l && c < p.dv_)
+        tb[jj][c] = (c < p.dv_ && attn_key_ok(p, b, j))
                         ? rf_load_dyn(p.v, p.qkv_dt, attn_row(p, b, j, p.l, hh, p.dv_) + c)
                         : 0.0f;
     }
     for (unsigned jj = t; jj < RF_ATTN_TILE; jj += nt) {
-        const unsigned j = j0 + jj;
-        bool ok = j < p.l;
-        if (ok && p.mask) {
-            ok = rf_load_dyn(p.mask, p.mask_dt, b * p.l + j) != 0.0f;
-        }
-        valid[jj] = ok ? 1.0f : 0.0f;
+        valid[jj] = attn_key_ok(p, b, j0 + jj) ? 1.0f : 0.0f;
     }
 }
 
@@ -301,9 +308,9 @@ extern "C" __global__ void __launch_bounds__(RF_ATTN_MAX_THREADS, 1) attn_fwd(co
                         }
                     }
                     sc[jj * nt + t] = s;
-                    mt = fmaxf(mt, s);
+                    mt = attn_nan_max(mt, s);
                 }
-                const float mn = fmaxf(m, mt);
+                const float mn = attn_nan_max(m, mt);
                 if (mn != -RF_INF) {  // else: no valid key so far, nothing to add
                     const float alpha = exp2f(m - mn);  // m = −∞ -> 0
                     lsum *= alpha;

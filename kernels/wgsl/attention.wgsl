@@ -5,7 +5,8 @@
 //   S_ij = scale·⟨Q_i, K_j⟩ (+ bias_hij)          key j valid when mask(b, j) ≠ 0 (no mask: all)
 //   P_ij = exp(S_ij − LSE_i) over valid j,  LSE_i = log Σ_valid exp(S_ij)
 //   O_i  = Σ_j P_ij·V_j
-//   A row with no valid key gives O_i = 0 and LSE_i = −∞ (f32 bits 0xff800000), never NaN.
+//   A row with no valid key gives O_i = 0 and LSE_i = −∞ (f32 bits 0xff800000), never NaN. A
+//   masked key is never read (staged as 0); a NaN score of a valid key makes its row NaN.
 //   Backward (FlashAttention-2 form, P recomputed from LSE):
 //   D_i = ⟨dO_i, O_i⟩   dP_ij = ⟨dO_i, V_j⟩   dS_ij = P_ij·(dP_ij − D_i)
 //   dV_j = Σ_i P_ij·dO_i   dK_j = scale·Σ_i dS_ij·Q_i   dQ_i = scale·Σ_j dS_ij·K_j
@@ -119,6 +120,13 @@ const EW: u32 = 256u;
 // The running max before any valid key: finite, so m − m' never forms inf − inf.
 const NEG_BIG: f32 = -3.0e38;
 const NEG_INF_BITS: u32 = 0xff800000u;
+const NAN_BITS: u32 = 0x7fc00000u;
+
+// max that keeps a NaN (WGSL's max may return either operand), so a NaN score row is not
+// read as all masked.
+fn nan_max(a: f32, b: f32) -> f32 {
+    return select(max(a, b), bitcast<f32>(NAN_BITS), is_nan_f32(a) || is_nan_f32(b));
+}
 
 struct AttnParams {
     b: u32, lq: u32, l: u32, h: u32,
@@ -224,11 +232,11 @@ fn attn_forward_main(
 
     for (var k0 = 0u; k0 < A.l; k0 += KT) {
         let nk = min(KT, A.l - k0);
-        // 1. the key tile
+        // 1. the key tile (a masked key is never read: a NaN there reaches no output)
         for (var t = tid; t < KT * DK; t += WG) {
             let j = t / DK_DIV;
             var x = 0.0;
-            if (j < nk) {
+            if (j < nk && key_valid(b, k0 + j)) {
                 x = load_k(k_index(b, k0 + j, h, t % DK_DIV, DK));
             }
             fk[t] = x;
@@ -236,7 +244,7 @@ fn attn_forward_main(
         for (var t = tid; t < KT * DV; t += WG) {
             let j = t / DV_DIV;
             var x = 0.0;
-            if (j < nk) {
+            if (j < nk && key_valid(b, k0 + j)) {
                 x = load_v(k_index(b, k0 + j, h, t % DV_DIV, DV));
             }
             fv[t] = x;
@@ -269,7 +277,7 @@ fn attn_forward_main(
             var mx = m_old;
             for (var j = 0u; j < KT; j++) {
                 if (fkv[j] != 0.0) {
-                    mx = max(mx, fs[i * KT + j]);
+                    mx = nan_max(mx, fs[i * KT + j]);
                 }
             }
             var sum = 0.0;
@@ -304,12 +312,17 @@ fn attn_forward_main(
         workgroupBarrier();
     }
 
+    // A NaN score made the running max NaN (nan_max keeps it): that row's O and LSE are NaN,
+    // written as bits because WGSL arithmetic need not carry a NaN through.
     for (var t = tid; t < QT * DV; t += WG) {
         let i = t / DV_DIV;
         if (i < nq) {
             let l = fl[i];
-            let o = select(0.0, fo[t] / l, l > 0.0);
-            at_o[q_index(b, q0 + i, h, t % DV_DIV, DV)] = bitcast<u32>(o);
+            var bits = bitcast<u32>(select(0.0, fo[t] / l, l > 0.0));
+            if (is_nan_f32(fm[i])) {
+                bits = NAN_BITS;
+            }
+            at_o[q_index(b, q0 + i, h, t % DV_DIV, DV)] = bits;
         }
     }
     for (var i = tid; i < nq; i += WG) {
@@ -317,6 +330,9 @@ fn attn_forward_main(
         var bits = NEG_INF_BITS;
         if (l > 0.0) {
             bits = bitcast<u32>(fm[i] + log(l));
+        }
+        if (is_nan_f32(fm[i])) {
+            bits = NAN_BITS;
         }
         at_lse[(b * A.h + h) * A.lq + q0 + i] = bits;
     }
@@ -372,12 +388,23 @@ var<workgroup> bdq: array<f32, QK_LEN>;
 // attn_dbias_main only
 var<workgroup> bdb: array<f32, S_LEN>;
 
-// Query rows q0 .. q0+nq−1 of (b, h): Q, dO, D, LSE and whether the row has a valid key.
+// Row i of the query block has a valid key: its LSE is not ±∞ (a NaN LSE is a live row whose
+// gradients are NaN).
+fn bw_row_live(b: u32, h: u32, q0: u32, i: u32, nq: u32) -> bool {
+    if (i >= nq) {
+        return false;
+    }
+    let r = (b * A.h + h) * A.lq + q0 + i;
+    return (bw_stats[2u * r + 1u] & 0x7fffffffu) != 0x7f800000u;
+}
+
+// Query rows q0 .. q0+nq−1 of (b, h): Q, dO, D, LSE and whether the row has a valid key (a row
+// without one is never read: zeros, so a NaN there reaches no gradient).
 fn bw_load_queries(b: u32, h: u32, q0: u32, nq: u32, tid: u32) {
     for (var t = tid; t < QT * DK; t += WG) {
         let i = t / DK_DIV;
         var x = 0.0;
-        if (i < nq) {
+        if (bw_row_live(b, h, q0, i, nq)) {
             x = load_q(q_index(b, q0 + i, h, t % DK_DIV, DK));
         }
         bq[t] = x;
@@ -385,7 +412,7 @@ fn bw_load_queries(b: u32, h: u32, q0: u32, nq: u32, tid: u32) {
     for (var t = tid; t < QT * DV; t += WG) {
         let i = t / DV_DIV;
         var x = 0.0;
-        if (i < nq) {
+        if (bw_row_live(b, h, q0, i, nq)) {
             let e = q_index(b, q0 + i, h, t % DV_DIV, DV);
             x = decode(bw_do[word_of(e, DT_DO)], e, DT_DO);
         }
@@ -395,10 +422,10 @@ fn bw_load_queries(b: u32, h: u32, q0: u32, nq: u32, tid: u32) {
         var dd = 0.0;
         var lse = 0.0;
         var ok = 0.0;
-        if (i < nq) {
+        if (bw_row_live(b, h, q0, i, nq)) {
             let r = (b * A.h + h) * A.lq + q0 + i;
             let bits = bw_stats[2u * r + 1u];
-            if ((bits & 0x7f800000u) != 0x7f800000u) {
+            {
                 dd = bitcast<f32>(bw_stats[2u * r]);
                 lse = bitcast<f32>(bits);
                 ok = 1.0;
@@ -411,12 +438,12 @@ fn bw_load_queries(b: u32, h: u32, q0: u32, nq: u32, tid: u32) {
     workgroupBarrier();
 }
 
-// Keys k0 .. k0+nk−1 of (b, h): K, V and validity.
+// Keys k0 .. k0+nk−1 of (b, h): K, V and validity (a masked key is never read: zeros).
 fn bw_load_keys(b: u32, h: u32, k0: u32, nk: u32, tid: u32) {
     for (var t = tid; t < KT * DK; t += WG) {
         let j = t / DK_DIV;
         var x = 0.0;
-        if (j < nk) {
+        if (j < nk && key_valid(b, k0 + j)) {
             x = load_k(k_index(b, k0 + j, h, t % DK_DIV, DK));
         }
         bk[t] = x;
@@ -424,7 +451,7 @@ fn bw_load_keys(b: u32, h: u32, k0: u32, nk: u32, tid: u32) {
     for (var t = tid; t < KT * DV; t += WG) {
         let j = t / DV_DIV;
         var x = 0.0;
-        if (j < nk) {
+        if (j < nk && key_valid(b, k0 + j)) {
             x = load_v(k_index(b, k0 + j, h, t % DV_DIV, DV));
         }
         bv[t] = x;
@@ -448,6 +475,10 @@ fn score_grad(h: u32, q0: u32, k0: u32, i: u32, j: u32, scale: f32) -> vec2<f32>
     var s = scale * dot;
     if (HAS_BIAS) {
         s += load_bias(h, q0 + i, k0 + j);
+    }
+    if (is_nan_f32(blse[i])) {
+        let nan = bitcast<f32>(NAN_BITS);
+        return vec2<f32>(nan, nan);
     }
     let p = exp(s - blse[i]);
     var dp = 0.0;
@@ -493,8 +524,12 @@ fn attn_backward_main(
                 if (j < nk) {
                     let c = t % DV_DIV;
                     var acc = 0.0;
-                    for (var i = 0u; i < QT; i++) {
-                        acc += bp[i * KT + j] * bdo[i * DV + c];
+                    // A masked key's gradients stay exactly 0 (P = dS = 0 would still meet a
+                    // NaN query as 0 · NaN).
+                    if (bkv[j] != 0.0) {
+                        for (var i = 0u; i < QT; i++) {
+                            acc += bp[i * KT + j] * bdo[i * DV + c];
+                        }
                     }
                     let e = A.dv_off + k_index(b, k0 + j, h, c, DV);
                     if (qb > 0u) {
@@ -508,8 +543,10 @@ fn attn_backward_main(
                 if (j < nk) {
                     let c = t % DK_DIV;
                     var acc = 0.0;
-                    for (var i = 0u; i < QT; i++) {
-                        acc += bds[i * KT + j] * bq[i * DK + c];
+                    if (bkv[j] != 0.0) {
+                        for (var i = 0u; i < QT; i++) {
+                            acc += bds[i * KT + j] * bq[i * DK + c];
+                        }
                     }
                     acc *= scale;
                     let e = A.dk_off + k_index(b, k0 + j, h, c, DK);

@@ -52,7 +52,14 @@ pub(crate) fn forward(a: &Attn<'_>) -> (Vec<f32>, Vec<f32>) {
             for hh in 0..h {
                 for i in 0..lq {
                     a.scores(bb, hh, i, &mut s);
-                    let m = s.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                    // f32::max drops a NaN, which would read a NaN row as fully masked.
+                    let m = s.iter().fold(f32::NEG_INFINITY, |x, &y| {
+                        if x.is_nan() || y.is_nan() {
+                            f32::NAN
+                        } else {
+                            x.max(y)
+                        }
+                    });
                     if m == f32::NEG_INFINITY {
                         continue; // every key masked: O = 0, LSE = −∞
                     }
@@ -96,6 +103,12 @@ pub(crate) fn backward(
         let oi = &o[((bb * lq + i) * h + hh) * dv..][..dv];
         let di: f32 = go.iter().zip(oi).map(|(x, y)| x * y).sum();
         for j in 0..l {
+            // A masked key is never read (P = 0 exactly, even when LSE is NaN).
+            if a.mask.is_some_and(|m| !m[bb * l + j]) {
+                s[j] = 0.0;
+                dp[j] = 0.0;
+                continue;
+            }
             let p = (s[j] - lse_i).exp();
             let vrow = &a.v[((bb * l + j) * h + hh) * dv..][..dv];
             let dpj: f32 = go.iter().zip(vrow).map(|(x, y)| x * y).sum();

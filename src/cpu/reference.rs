@@ -519,8 +519,18 @@ pub struct AttnDims {
     pub dv: usize,
 }
 
+/// `max` that keeps a NaN (f64::max drops it, which would read a NaN row as fully masked).
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// Softmax attention with an optional additive bias `[h, lq, l]` and key mask `[b, l]`:
 /// returns O `[b, lq, h, dv]` and LSE `[b, h, lq]` (−∞ and O = 0 for a row with no valid key).
+/// A masked key is never read; a NaN score of a valid key makes its row's O and LSE NaN.
 pub fn attention_forward(
     d: AttnDims,
     q: &[f64],
@@ -557,7 +567,10 @@ pub fn attention_forward(
                         Some(scale * dot + bias.map_or(0.0, |bi| bi[(hh * lq + i) * l + j]))
                     })
                     .collect();
-                let m = s.iter().flatten().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                let m = s
+                    .iter()
+                    .flatten()
+                    .fold(f64::NEG_INFINITY, |a, &x| nan_max(a, x));
                 if m == f64::NEG_INFINITY {
                     continue;
                 }
@@ -624,7 +637,7 @@ pub fn attention_backward(
                 let m = (0..l)
                     .filter(|&j| valid(j))
                     .map(|j| s[j])
-                    .fold(f64::NEG_INFINITY, f64::max);
+                    .fold(f64::NEG_INFINITY, nan_max);
                 let z: f64 = (0..l).filter(|&j| valid(j)).map(|j| (s[j] - m).exp()).sum();
                 let p: Vec<f64> = (0..l)
                     .map(|j| if valid(j) { (s[j] - m).exp() / z } else { 0.0 })
@@ -638,8 +651,10 @@ pub fn attention_backward(
                             .sum()
                     })
                     .collect();
-                let pdp: f64 = (0..l).map(|j| p[j] * dp[j]).sum();
-                for j in 0..l {
+                // A masked key is never read, in the backward as in the forward: its K and V
+                // (even a NaN there) reach no output.
+                let pdp: f64 = (0..l).filter(|&j| valid(j)).map(|j| p[j] * dp[j]).sum();
+                for j in (0..l).filter(|&j| valid(j)) {
                     let ds = p[j] * (dp[j] - pdp);
                     db[(hh * lq + i) * l + j] += ds;
                     for c in 0..dv {

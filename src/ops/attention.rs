@@ -3,7 +3,9 @@
 //! allowed, scale (default 1/√d_k), an optional additive bias `[H, L_q, L]`, a key-validity mask
 //! `[B, L]` (non-zero = valid) and query pruning (pass only the last t tokens' queries:
 //! `L_q = t`). Outputs O `[B, L_q, H, d_v]` and the row log-sum-exp LSE `[B, H, L_q]` (f32).
-//! A row whose keys are all masked gives O = 0, LSE = −∞ and zero gradients, never NaN.
+//! A row whose keys are all masked gives O = 0, LSE = −∞ and zero gradients, never NaN. A masked
+//! key is never read: a NaN in its K or V reaches no output. A NaN in a valid key, a query, the
+//! bias or dO propagates as in a materialised softmax over the valid keys (the f64 reference).
 //! Backward recomputes P from LSE (FlashAttention-2 form): dV = Pᵀ·dO, dS = P ⊙ (dP − D),
 //! dQ = scale·dS·K, dK = scale·dSᵀ·Q, d bias = Σ_batch dS (fixed order).
 //!
